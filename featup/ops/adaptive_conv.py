@@ -1,0 +1,121 @@
+"""Adaptive (per-pixel) convolution and local similarity, the inner loops of the joint bilateral upsampler.
+
+``adaptive_conv``: ``out[b, c, h, w] = sum_{i, j} filters[b, i * D + j, h, w] * x_padded[b, c, h + i, w + j]``
+``local_similarity``: ``out[b, i * D + j, h, w] = sum_c keys_padded[b, c, h + i, w + j] * queries[b, c, h, w]``
+
+The published FeatUp code builds both from an unfolded ``C x D^2 x H x W`` tensor (or a CUDA
+extension). Here each is an accumulation over the ``D^2`` taps of shifted views, which never
+materialises the unfolded tensor; under ``torch.compile`` the taps fuse into one kernel that
+reads each input element once per output tile. Autograd differentiates every path.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from featup.errors import InputError
+from featup.ops.compiled import Backend, LazyCompiled
+
+
+def _diameter(taps: int, what: str) -> int:
+    diameter = math.isqrt(taps)
+    if diameter * diameter != taps or diameter % 2 == 0:
+        raise InputError(f"{what}: expected an odd square number of filter taps, got {taps}")
+    return diameter
+
+
+def _check_padded(x_padded: torch.Tensor, other: torch.Tensor, taps: int, what: str) -> int:
+    """Validate that ``x_padded`` is ``other``'s spatial size plus a D-1 border; return D."""
+    if x_padded.dim() != 4 or other.dim() != 4:
+        raise InputError(f"{what}: expected 4-D tensors, got {tuple(x_padded.shape)} and {tuple(other.shape)}")
+    diameter = _diameter(taps, what)
+    b, _, hp, wp = x_padded.shape
+    if (other.shape[0], other.shape[2] + diameter - 1, other.shape[3] + diameter - 1) != (b, hp, wp):
+        raise InputError(
+            f"{what}: padded input {tuple(x_padded.shape)} does not fit a {diameter}x{diameter} window "
+            f"over {tuple(other.shape)}"
+        )
+    return diameter
+
+
+def _make_accumulate_taps(diameter: int):
+    """Out-of-place tap accumulation for ``diameter``: the graph ``torch.compile`` fuses into one kernel."""
+
+    def accumulate_taps(x_padded: torch.Tensor, filters: torch.Tensor) -> torch.Tensor:
+        h, w = filters.shape[2], filters.shape[3]
+        out = None
+        for i in range(diameter):
+            for j in range(diameter):
+                k = i * diameter + j
+                term = x_padded[:, :, i : i + h, j : j + w] * filters[:, k : k + 1]  # (B, C, H, W)
+                out = term if out is None else out + term
+        return out
+
+    return accumulate_taps
+
+
+def _make_accumulate_taps_eager(diameter: int):
+    """Eager tap accumulation into one output buffer with in-place ``addcmul_`` (autograd-safe)."""
+
+    def accumulate_taps_eager(x_padded: torch.Tensor, filters: torch.Tensor) -> torch.Tensor:
+        b, c = x_padded.shape[:2]
+        h, w = filters.shape[2], filters.shape[3]
+        dtype = torch.promote_types(x_padded.dtype, filters.dtype)
+        # Accumulate reduced-precision inputs in float32, as the compiled kernel does.
+        acc_dtype = torch.promote_types(dtype, torch.float32)
+        out = torch.zeros(b, c, h, w, device=x_padded.device, dtype=acc_dtype)
+        for i in range(diameter):
+            for j in range(diameter):
+                k = i * diameter + j
+                out.addcmul_(x_padded[:, :, i : i + h, j : j + w], filters[:, k : k + 1])
+        return out.to(dtype)
+
+    return accumulate_taps_eager
+
+
+def _make_similarity_taps(diameter: int):
+    """Dot products of each query with the keys in its ``D x D`` window, tap by tap."""
+
+    def similarity_taps(keys_padded: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
+        h, w = queries.shape[2], queries.shape[3]
+        taps = [
+            (keys_padded[:, :, i : i + h, j : j + w] * queries).sum(dim=1)  # (B, H, W)
+            for i in range(diameter)
+            for j in range(diameter)
+        ]
+        return torch.stack(taps, dim=1)  # (B, D*D, H, W)
+
+    return similarity_taps
+
+
+_ADAPTIVE_CONV = LazyCompiled(_make_accumulate_taps, _make_accumulate_taps_eager)
+_LOCAL_SIMILARITY = LazyCompiled(_make_similarity_taps)
+
+
+def adaptive_conv(x_padded: torch.Tensor, filters: torch.Tensor, backend: Backend = "auto") -> torch.Tensor:
+    """Apply per-pixel filters (B, D*D, H, W) to a padded map (B, C, H+D-1, W+D-1) -> (B, C, H, W).
+
+    ``backend``: ``"compiled"`` fuses the taps with ``torch.compile`` (errors surface), ``"eager"``
+    loops in PyTorch, ``"auto"`` compiles and falls back to eager, with one warning, if it cannot.
+    """
+    if filters.dim() != 4:
+        raise InputError(f"adaptive_conv: expected 4-D filters (B, D*D, H, W), got shape {tuple(filters.shape)}")
+    diameter = _check_padded(x_padded, filters, filters.shape[1], "adaptive_conv")
+    return _ADAPTIVE_CONV(diameter, x_padded, filters, backend=backend)
+
+
+def local_similarity(keys_padded: torch.Tensor, queries: torch.Tensor, diameter: int, backend: Backend = "auto") -> torch.Tensor:
+    """Window dot products: keys (B, K, H+D-1, W+D-1), queries (B, K, H, W) -> (B, D*D, H, W)."""
+    _check_padded(keys_padded, queries, diameter * diameter, "local_similarity")
+    return _LOCAL_SIMILARITY(diameter, keys_padded, queries, backend=backend)
+
+
+def adaptive_conv_unfold(x_padded: torch.Tensor, filters: torch.Tensor) -> torch.Tensor:
+    """Reference: the published formulation through ``F.unfold`` (materialises C x D^2 x H x W; tests only)."""
+    diameter = _check_padded(x_padded, filters, filters.shape[1], "adaptive_conv_unfold")
+    b, c = x_padded.shape[:2]
+    h, w = filters.shape[2], filters.shape[3]
+    patches = torch.nn.functional.unfold(x_padded, diameter).view(b, c, diameter * diameter, h, w)
+    return torch.einsum("bckhw,bkhw->bchw", patches, filters)

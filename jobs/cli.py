@@ -1,0 +1,91 @@
+"""The ``featup`` console command: one argparse subcommand per module listed in ``SUBCOMMANDS``."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from types import ModuleType
+from typing import TYPE_CHECKING, Sequence
+
+from featup import __version__
+from featup.errors import ConfigError, FeatUpError
+
+if TYPE_CHECKING:
+    import torch
+
+# Subcommand name -> module exposing ``add_arguments(parser)`` and ``run(args) -> int``.
+# Modules should import optional heavy dependencies inside ``run`` so ``featup --help`` stays light.
+SUBCOMMANDS: dict[str, str] = {
+    "upsample": "jobs.upsample",
+}
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
+def build_parser(subcommands: dict[str, str] | None = None) -> argparse.ArgumentParser:
+    """The top-level parser with one subparser per entry of ``subcommands`` (default ``SUBCOMMANDS``)."""
+    parser = argparse.ArgumentParser(prog="featup", description="FeatUp: high-resolution deep features.")
+    parser.add_argument("--version", action="version", version=f"featup {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, module_name in (subcommands or SUBCOMMANDS).items():
+        module = importlib.import_module(module_name)
+        summary = _summary(module)
+        child = sub.add_parser(name, help=summary, description=summary)
+        module.add_arguments(child)
+        child.set_defaults(run=module.run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parses ``argv`` and runs the subcommand; FeatUpErrors become one ``featup: error:`` line and exit code 2."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help, --version and usage errors: argparse has printed what to say
+        return e.code if isinstance(e.code, int) else EXIT_USAGE
+    try:
+        return int(args.run(args))
+    except FeatUpError as e:
+        print(f"featup: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("featup: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> cuda if available else cpu; ``cpu``/``cuda``/``cuda:N`` as given, checked to exist."""
+    import torch  # imported here so that ``featup --help`` does not pay for it
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"device: expected auto, cpu or cuda[:N], got {name!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device: expected an available device, got {name!r} but CUDA is not available")
+    if device.type not in ("cpu", "cuda"):
+        raise ConfigError(f"device: expected auto, cpu or cuda[:N], got {name!r}")
+    return device
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: a strictly positive integer."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _summary(module: ModuleType) -> str:
+    """The first line of a module's docstring, used as its subcommand help."""
+    return (module.__doc__ or "").strip().splitlines()[0] if module.__doc__ else ""
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,19 @@
+"""Shared test settings: no hub downloads, and the paths of the read-only reference fixtures."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "featup-official"
+
+
+@pytest.fixture(scope="session")
+def official_fixtures() -> Path:
+    """Folder of the published FeatUp reference outputs (``../shared/fixtures/featup-official``)."""
+    assert FIXTURES.is_dir(), f"reference fixtures missing at {FIXTURES}"
+    return FIXTURES
