@@ -34,7 +34,8 @@ def run_one(size: int, channels: int, band_pixels: int, device: str, out_path: s
     if out_path:
         torch.save(out[:, :8].cpu().clone(), out_path)  # a channel slice is enough to compare
     peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    return {"band_pixels": band_pixels, "seconds": seconds, "peak_rss_gb": peak_gb, "shape": list(out.shape)}
+    gpu_gb = torch.cuda.max_memory_allocated() / 2**30 if out.is_cuda else 0.0
+    return {"band_pixels": band_pixels, "seconds": seconds, "peak_rss_gb": peak_gb, "peak_gpu_gb": gpu_gb, "shape": list(out.shape)}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -60,7 +61,8 @@ def main(argv: list[str] | None = None) -> None:
             continue
         results[label] = json.loads(result.stdout.strip().splitlines()[-1])
         r = results[label]
-        print(f"{label:18s} peak RSS {r['peak_rss_gb']:6.2f} GB   time {r['seconds']:6.1f} s   output {r['shape']}")
+        gpu = f"   peak GPU {r['peak_gpu_gb']:6.2f} GB" if r["peak_gpu_gb"] else ""
+        print(f"{label:18s} peak RSS {r['peak_rss_gb']:6.2f} GB{gpu}   time {r['seconds']:6.1f} s   output {r['shape']}")
     if len(results) == 2:
         a, b = (torch.load(f"/tmp/featup-bench-{p}.pt", weights_only=True) for p in (1 << 18, 1 << 40))
         ratio = results["one band"]["peak_rss_gb"] / results["banded (default)"]["peak_rss_gb"]

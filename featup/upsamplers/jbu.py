@@ -25,6 +25,7 @@ from torch import nn
 from featup.errors import ConfigError, InputError
 from featup.ops.adaptive_conv import adaptive_conv, local_similarity
 from featup.ops.compiled import Backend
+from featup.ops.resample import bicubic_upsample_2x
 from featup.upsamplers.base import UPSAMPLERS, check_inputs, resolve_output_size
 
 # Source rows of context kept on each side of a band so bicubic resampling inside the band is exact.
@@ -104,12 +105,7 @@ class JBUStage(nn.Module):
         lo, hi = max(rows.start - r, 0), min(rows.stop + r, height)
         src_lo = max(lo // 2 - _BICUBIC_HALO, 0)
         src_hi = min((hi + 1) // 2 + _BICUBIC_HALO, source.shape[2])
-        band = F.interpolate(
-            source[:, :, src_lo:src_hi],
-            size=(2 * (src_hi - src_lo), 2 * source.shape[3]),
-            mode="bicubic",
-            align_corners=False,
-        )  # (B, C, 2*(src_hi-src_lo), W)
+        band = bicubic_upsample_2x(source[:, :, src_lo:src_hi])  # (B, C, 2*(src_hi-src_lo), W)
         band = band[:, :, lo - 2 * src_lo : hi - 2 * src_lo]  # (B, C, hi-lo, W)
         pad_top, pad_bottom = r - (rows.start - lo), r - (hi - rows.stop)
         return F.pad(band, [r, r, pad_top, pad_bottom], mode="reflect")  # (B, C, rows+2r, W+2r)
@@ -125,7 +121,8 @@ class JBUStage(nn.Module):
         bands = _bands(height, band_rows or height, self.radius)
         if len(bands) == 1:
             return self._band(source, guidance, keys_padded, bands[0], height, backend)
-        out = source.new_empty(source.shape[0], source.shape[1], height, width, dtype=source.dtype)
+        shape = (source.shape[0], source.shape[1], height, width)
+        out = torch.empty(shape, device=source.device, dtype=source.dtype, memory_format=torch.channels_last)
         for rows in bands:
             out[:, :, rows] = self._band(source, guidance, keys_padded, rows, height, backend)
         return out
