@@ -142,13 +142,16 @@ def _reset_conv(conv: nn.Conv2d, generator: torch.Generator | None) -> None:
             param.copy_(torch.rand(param.shape, generator=generator, dtype=param.dtype).mul_(2 * bound).sub_(bound))
 
 
+def _conv1x1(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """A 1x1 convolution as a matmul in ``x``'s dtype: cuBLAS keeps float32 exact, where cuDNN would use TF32."""
+    out = torch.einsum("oc,bchw->bohw", weight.reshape(weight.shape[0], -1).to(x.dtype), x)  # (B, O, H, W)
+    return out if bias is None else out + bias.to(x.dtype).view(1, -1, 1, 1)
+
+
 def _run_in_dtype(layers: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
     """Run a stack of 1x1 convs and activations in ``x``'s dtype, whatever the parameters' dtype."""
     for layer in layers:
-        if isinstance(layer, nn.Conv2d):
-            x = F.conv2d(x, layer.weight.to(x.dtype), layer.bias.to(x.dtype))
-        else:
-            x = layer(x)
+        x = _conv1x1(x, layer.weight, layer.bias) if isinstance(layer, nn.Conv2d) else layer(x)
     return x
 
 
@@ -232,7 +235,7 @@ class JBUStack(nn.Module):
         check_inputs(lr_feats, image, dim=self.dim, guidance_dim=self.guidance_dim)
         size = resolve_output_size(image, output_size)
         mix = self.fixup_proj[1]
-        mixed = lr_feats + 0.1 * F.conv2d(self.fixup_proj[0](lr_feats), mix.weight.to(lr_feats.dtype))  # (B, C, h, w)
+        mixed = lr_feats + 0.1 * _conv1x1(self.fixup_proj[0](lr_feats), mix.weight)  # (B, C, h, w)
         bias = 0.1 * mix.bias.to(lr_feats.dtype)  # (C,)
         if projection is not None:
             mixed, bias = _project(mixed, bias, projection, projection_bias)
