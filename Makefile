@@ -1,11 +1,9 @@
 # Two entry points, each self-contained on a fresh machine with Python 3.11:
-#   make demo   set up .venv and run the main job on sample images (offline, random weights by default)
+#   make demo   set up .venv and run the main job (featup precompute) on shards of sample photos, offline
 #   make test   set up .venv and run the whole test suite
 PYTHON ?= python3.11
 VENV ?= .venv
 BIN := $(VENV)/bin
-WEIGHTS ?= random
-BACKBONE ?= dino16
 DEMO_OUT ?= demo-out
 
 .PHONY: demo test bench clean
@@ -20,8 +18,7 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	touch $@
 
 demo: $(VENV)/.installed
-	$(BIN)/featup upsample $$($(BIN)/python -m jobs.sample_images) \
-		--backbone $(BACKBONE) --weights $(WEIGHTS) --out $(DEMO_OUT)
+	$(BIN)/featup demo --out $(DEMO_OUT)
 
 test: $(VENV)/.installed
 	$(BIN)/python -m pytest
@@ -29,6 +26,8 @@ test: $(VENV)/.installed
 bench: $(VENV)/.installed
 	$(BIN)/python bench/bench_jbu.py
 	$(BIN)/python bench/bench_jbu_memory.py
+	$(BIN)/python bench/bench_precompute.py
+	$(BIN)/python bench/bench_reader.py
 
 clean:
 	rm -rf $(VENV) $(DEMO_OUT) .pytest_cache

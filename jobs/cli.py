@@ -18,6 +18,11 @@ if TYPE_CHECKING:
 # Modules should import optional heavy dependencies inside ``run`` so ``featup --help`` stays light.
 SUBCOMMANDS: dict[str, str] = {
     "upsample": "jobs.upsample",
+    "precompute": "jobs.precompute",
+    "demo": "jobs.demo",
+    "inspect": "jobs.inspect",
+    "show": "jobs.show",
+    "probe": "jobs.probe",
 }
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130

@@ -1,0 +1,132 @@
+"""Run the offline demo: shards from scikit-image's sample photos -> featup precompute on local Ray -> report and a PNG."""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import sys
+import tarfile
+from pathlib import Path
+from typing import Sequence
+
+from jobs.cli import EXIT_OK, positive_int
+
+VARIANTS = ("full", "flip", "left", "right", "top", "small")  # how each photo is turned into several samples
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Adds the ``featup demo`` options."""
+    parser.add_argument("--out", type=Path, default=Path("featup-demo"), help="folder of the shards, store and PNG (default ./featup-demo)")
+    parser.add_argument("--backbone", default="timm:vit_tiny_patch16_224", help="backbone (default a tiny ViT, random weights)")
+    parser.add_argument("--weights", default="random", help="random (default: offline, meaningless features), auto or a weights file")
+    parser.add_argument("--checkpoint", default=None, help="trained FeatUp JBU checkpoint (path or URL)")
+    parser.add_argument("--image-size", type=positive_int, default=224, help="resize + centre crop size (default 224)")
+    parser.add_argument("--shards", type=positive_int, default=4, help="number of shards to write (default 4)")
+    parser.add_argument("--actors", type=positive_int, default=2, help="Ray actors (default 2)")
+    parser.add_argument("--kernel-backend", default="auto", help="JBU kernels: auto (torch.compile), compiled or eager")
+    parser.add_argument("--panels", type=positive_int, default=4, help="samples drawn in the PNG (default 4)")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Writes the shards, runs the precompute job on them, then draws a few samples' features."""
+    from jobs.sample_images import sample_image_paths
+    from pipeline.config import PrecomputeConfig
+    from pipeline.scheduler import run_precompute
+
+    photos = sample_image_paths()
+    shards = write_demo_shards(photos, args.out / "shards", args.shards)
+    print(f"featup demo: wrote {len(shards)} shards of {len(photos) * len(VARIANTS)} samples to {args.out / 'shards'}", file=sys.stderr)
+    store = str(args.out / "features.zarr")
+    config = PrecomputeConfig(
+        inputs=tuple(shards), output=store, backbone=args.backbone, weights=args.weights, checkpoint=args.checkpoint,
+        image_size=args.image_size, save_image=True, save_lowres=True, actors=args.actors, device="cpu",
+        batch_size=4, overwrite=True, kernel_backend=args.kernel_backend,
+    )
+    code = run_precompute(config, command_line=list(sys.argv))
+    if code != EXIT_OK:
+        return code
+    png = args.out / "demo.png"
+    draw_samples(store, png, args.panels, banner=_notices(args))
+    print(f"featup demo: wrote {png}", file=sys.stderr)
+    return EXIT_OK
+
+
+def write_demo_shards(photos: Sequence[Path], folder: Path, n_shards: int) -> list[str]:
+    """Writes ``demo-000000.tar``...: every photo in every variant of VARIANTS, dealt round-robin over the shards."""
+    from PIL import Image
+
+    samples = []
+    for photo in photos:
+        with Image.open(photo) as img:
+            rgb = img.convert("RGB")
+        for variant in VARIANTS:
+            samples.append((f"{photo.stem}-{variant}", _variant(rgb, variant)))
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for s in range(n_shards):
+        path = folder / f"demo-{s:06d}.tar"
+        _write_tar(path, samples[s::n_shards])
+        paths.append(str(path))
+    return paths
+
+
+def _variant(img, variant: str):
+    """A flipped, cropped or shrunk copy of the photo, so the demo has several distinct samples per photo."""
+    from PIL import Image, ImageOps
+
+    w, h = img.size
+    boxes = {"left": (0, 0, w * 2 // 3, h), "right": (w // 3, 0, w, h), "top": (0, 0, w, h * 2 // 3)}
+    if variant == "flip":
+        return ImageOps.mirror(img)
+    if variant in boxes:
+        return img.crop(boxes[variant])
+    if variant == "small":
+        return img.resize((max(1, w // 3), max(1, h // 3)), Image.Resampling.BICUBIC)
+    return img
+
+
+def _write_tar(path: Path, samples: Sequence[tuple[str, object]]) -> None:
+    """One WebDataset shard: ``<key>.jpg`` per sample (written to a temp name, then renamed)."""
+    tmp = path.with_suffix(".tmp")
+    with tarfile.open(tmp, "w") as tar:
+        for key, img in samples:
+            buf = io.BytesIO()
+            img.save(buf, "JPEG", quality=92)
+            info = tarfile.TarInfo(f"{key}.jpg")
+            info.size, info.mtime = buf.tell(), 0
+            buf.seek(0)
+            tar.addfile(info, buf)
+    os.replace(tmp, path)
+
+
+def draw_samples(store_url: str, png: Path, count: int, banner: Sequence[str] = ()) -> None:
+    """One panel per sample (image | low-res PCA | upsampled PCA) for the first ``count`` valid rows, stacked into a PNG."""
+    import torch
+    from PIL import Image
+
+    from pipeline.store import FeatureStore
+    from pipeline.visualize import pca_rgb, render_panel, save_panel
+
+    store = FeatureStore.open(store_url, mode="r")
+    index = store.read_index()
+    rows = [r for r, s in zip(index["row"].to_pylist(), index["status"].to_pylist()) if s == "ok"][:count]
+    panels = []
+    for i, row in enumerate(rows):
+        image = Image.fromarray(store.array("image")[row])  # (S, S, 3)
+        lowres = torch.from_numpy(store.array("lowres")[row : row + 1]).float()  # (1, C, h, w)
+        feats = torch.from_numpy(store.array("features")[row : row + 1]).float()  # (1, C, H, W)
+        panels.append(render_panel(image, *pca_rgb(lowres, feats), banner=banner if i == 0 else ()))
+    width = max(p.width for p in panels)
+    sheet = Image.new("RGB", (width, sum(p.height for p in panels)), (255, 255, 255))
+    top = 0
+    for panel in panels:
+        sheet.paste(panel, (0, top))
+        top += panel.height
+    save_panel(sheet, png)
+
+
+def _notices(args: argparse.Namespace) -> list[str]:
+    from jobs.upsample import model_notices
+
+    return model_notices(args.weights if args.weights == "random" else "", args.checkpoint, "jbu")

@@ -1,0 +1,92 @@
+"""Precompute upsampled features of WebDataset shards into a Zarr store with Ray actors (resumable, fault-tolerant)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from jobs.cli import positive_int
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Adds the ``featup precompute`` options."""
+    parser.add_argument("inputs", nargs="+", metavar="INPUT", help="WebDataset shards: paths or fsspec URLs, brace patterns allowed")
+    parser.add_argument("--output", required=True, help="the Zarr store: a local path or fsspec URL (s3://bucket/features.zarr)")
+    model = parser.add_argument_group("model")
+    model.add_argument("--backbone", required=True, help="dino16, dino8, dinov2, clip, vit, resnet50, timm:<name> or pkg.module:callable")
+    model.add_argument("--weights", default="auto", help="auto (pretrained, cached), random (offline, meaningless) or a weights file")
+    model.add_argument("--checkpoint", default=None, help="trained FeatUp JBU checkpoint (path or URL)")
+    model.add_argument("--upsampler", default="jbu", help="jbu (default) or bilinear")
+    model.add_argument("--image-size", type=positive_int, default=224, help="resize shorter side + centre crop size (default 224)")
+    size = model.add_mutually_exclusive_group()
+    size.add_argument("--scale", type=positive_int, default=None, help="output size as a multiple of the low-res feature size")
+    size.add_argument("--output-size", type=positive_int, default=None, help="output height and width (default: the image size)")
+    model.add_argument("--dtype", default="float16", help="float16 (default), bfloat16 (stored as float32) or float32")
+    model.add_argument("--channels", type=positive_int, default=None, help="PCA to K channels, fitted on a sample of the inputs")
+    model.add_argument("--pca-images", type=positive_int, default=32, help="images the --channels PCA is fitted on (default 32)")
+    model.add_argument("--seed", type=int, default=0, help="seed of random weights and of the PCA sample (default 0)")
+    data = parser.add_argument_group("data")
+    data.add_argument("--labels", default="", help="label extensions to store with the features (seg.png,depth.npy)")
+    data.add_argument("--image-key", default=None, help="the image extension when a sample has several (default: the one image extension)")
+    data.add_argument("--save-image", action="store_true", help="also store the preprocessed image (uint8)")
+    data.add_argument("--save-lowres", action="store_true", help="also store the backbone's low-res features")
+    data.add_argument("--max-pixels", type=positive_int, default=64_000_000, help="larger images are recorded as errors (default 64e6)")
+    data.add_argument("--max-errors", default=None, help="give up past this many failed samples: a count (10) or a fraction (0.01, 1%%)")
+    data.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE", help="fsspec storage option (repeatable)")
+    res = parser.add_argument_group("resources")
+    res.add_argument("--actors", type=positive_int, default=1, help="number of Ray actors (default 1)")
+    res.add_argument("--device", default="auto", help="auto (cuda when the actor has a GPU), cpu, cuda or cuda:N")
+    res.add_argument("--gpus-per-actor", type=float, default=None, help="GPUs per actor, fractions allowed (default: 1 with CUDA)")
+    res.add_argument("--cpus-per-actor", type=float, default=1.0, help="CPUs per actor (default 1)")
+    res.add_argument("--batch-size", type=positive_int, default=8, help="images per model call (default 8)")
+    res.add_argument("--decode-threads", type=positive_int, default=2, help="background decoding threads per actor (default 2)")
+    res.add_argument("--kernel-backend", default="auto", help="JBU kernels: auto (torch.compile, eager fallback), compiled or eager")
+    res.add_argument("--address", default=None, help="Ray cluster to join (auto, ray://host:10001); default: start a local Ray")
+    run_opts = parser.add_argument_group("run")
+    run_opts.add_argument("--overwrite", action="store_true", help="start over, deleting an existing store at --output")
+    run_opts.add_argument("--dry-run", action="store_true", help="print the plan (shards, samples, arrays, bytes) and exit")
+
+
+def build_config(args: argparse.Namespace):
+    """The validated PrecomputeConfig of parsed arguments."""
+    from pipeline.config import PrecomputeConfig, parse_max_errors, parse_storage_options
+
+    return PrecomputeConfig(
+        inputs=tuple(args.inputs),
+        output=args.output,
+        backbone=args.backbone,
+        weights=args.weights,
+        checkpoint=args.checkpoint,
+        upsampler=args.upsampler,
+        image_size=args.image_size,
+        scale=args.scale,
+        output_size=args.output_size,
+        dtype=args.dtype,
+        channels=args.channels,
+        labels=tuple(label.strip() for label in args.labels.split(",") if label.strip()),
+        image_key=args.image_key,
+        save_image=args.save_image,
+        save_lowres=args.save_lowres,
+        actors=args.actors,
+        device=args.device,
+        gpus_per_actor=args.gpus_per_actor,
+        cpus_per_actor=args.cpus_per_actor,
+        batch_size=args.batch_size,
+        decode_threads=args.decode_threads,
+        kernel_backend=args.kernel_backend,
+        address=args.address,
+        max_errors=None if args.max_errors is None else parse_max_errors(args.max_errors),
+        max_pixels=args.max_pixels,
+        overwrite=args.overwrite,
+        dry_run=args.dry_run,
+        storage_options=parse_storage_options(args.storage_option),
+        seed=args.seed,
+        pca_images=args.pca_images,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    """Builds the config and runs the job; the exit code is non-zero when it stops early (--max-errors, failures)."""
+    from pipeline.scheduler import run_precompute
+
+    return run_precompute(build_config(args), command_line=list(sys.argv))

@@ -1,0 +1,92 @@
+"""The per-sample index of a feature store: one Parquet row per sample, saying where it lives and whether it is valid."""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from featup.errors import InputError
+
+INDEX_SCHEMA = pa.schema(
+    [
+        pa.field("row", pa.int64(), nullable=False),  # its row in every array of the store
+        pa.field("shard", pa.string(), nullable=False),  # the shard URL it came from
+        pa.field("key", pa.string(), nullable=False),  # the WebDataset __key__
+        pa.field("width", pa.int32(), nullable=False),  # original image size (0 when it could not be read)
+        pa.field("height", pa.int32(), nullable=False),
+        pa.field("status", pa.string(), nullable=False),  # "ok" or "error"
+        pa.field("error", pa.string(), nullable=False),  # the reason of an error, "" when ok
+    ]
+)
+STATUSES = ("ok", "error")
+_DEFAULTS = {"error": ""}
+
+
+def build_index_table(rows: Sequence[dict[str, Any]]) -> pa.Table:
+    """A checked index table (INDEX_SCHEMA) from row dicts; ``error`` may be left out for valid samples."""
+    expected = set(INDEX_SCHEMA.names)
+    full = []
+    for i, row in enumerate(rows):
+        row = {**_DEFAULTS, **row}
+        if set(row) != expected:
+            missing, extra = sorted(expected - set(row)), sorted(set(row) - expected)
+            raise InputError(f"index row {i}: expected the columns {INDEX_SCHEMA.names}, "
+                             f"got missing {missing} and unknown {extra}")
+        full.append(row)
+    try:
+        table = pa.Table.from_pylist(full, schema=INDEX_SCHEMA)
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
+        raise InputError(f"index rows: expected values of the types in INDEX_SCHEMA, got {e}") from None
+    return check_index_table(table)
+
+
+def check_index_table(table: pa.Table, num_rows: int | None = None) -> pa.Table:
+    """The table cast to INDEX_SCHEMA after checking that no failed sample is marked valid and rows are unique and in range."""
+    if set(table.column_names) != set(INDEX_SCHEMA.names):
+        raise InputError(f"index table: expected the columns {INDEX_SCHEMA.names}, got {table.column_names}")
+    try:
+        table = table.select(INDEX_SCHEMA.names).cast(INDEX_SCHEMA)
+    except (pa.ArrowInvalid, pa.ArrowTypeError, ValueError) as e:
+        raise InputError(f"index table: expected columns castable to INDEX_SCHEMA, got {e}") from None
+    _check_statuses(table)
+    _check_rows(table, num_rows)
+    return table
+
+
+def _check_statuses(table: pa.Table) -> None:
+    """Status is ok or error; ok rows carry no reason and error rows always carry one."""
+    status, error = table["status"], table["error"]
+    unknown = set(pc.unique(status).to_pylist()) - set(STATUSES)
+    if unknown:
+        raise InputError(f"index column status: expected one of {STATUSES}, got {sorted(unknown)}")
+    has_reason = pc.not_equal(error, "")
+    if pc.any(pc.and_(pc.equal(status, "ok"), has_reason)).as_py():
+        raise InputError("index rows: expected status 'ok' rows to have an empty error, got an ok row with an error reason")
+    if pc.any(pc.and_(pc.equal(status, "error"), pc.invert(has_reason))).as_py():
+        raise InputError("index rows: expected every status 'error' row to have a reason, got an empty error")
+
+
+def _check_rows(table: pa.Table, num_rows: int | None) -> None:
+    """Row numbers are unique, non-negative and below ``num_rows`` when it is given."""
+    if table.num_rows == 0:
+        return
+    rows = table["row"]
+    lo, hi = pc.min(rows).as_py(), pc.max(rows).as_py()
+    if lo < 0 or (num_rows is not None and hi >= num_rows):
+        raise InputError(f"index column row: expected rows in [0, {num_rows}), got rows from {lo} to {hi}")
+    if pc.count_distinct(rows).as_py() != table.num_rows:
+        raise InputError("index column row: expected unique rows, got duplicates")
+
+
+def empty_index_table() -> pa.Table:
+    """An index with no rows (the index of a store with no committed shard)."""
+    return INDEX_SCHEMA.empty_table()
+
+
+def concat_index_tables(tables: Sequence[pa.Table]) -> pa.Table:
+    """The union of several shards' index tables, sorted by row."""
+    if not tables:
+        return empty_index_table()
+    return pa.concat_tables([t.cast(INDEX_SCHEMA) for t in tables]).sort_by("row")

@@ -1,0 +1,62 @@
+"""A plain-text progress line on stderr: samples, shards, images/s and ETA, redrawn about twice a second."""
+
+from __future__ import annotations
+
+import time
+from typing import TextIO
+
+REDRAW_S = 0.5  # on a terminal the line is redrawn in place this often
+LOG_EVERY_S = 10.0  # elsewhere (logs, pipes) a new line is written this often
+
+
+class ProgressBar:
+    """Tracks samples and shards done out of a known total and writes one status line."""
+
+    def __init__(self, total_samples: int, total_shards: int, stream: TextIO) -> None:
+        self.total_samples, self.total_shards, self.stream = total_samples, total_shards, stream
+        self.start = time.monotonic()
+        self.tty = bool(getattr(stream, "isatty", lambda: False)())
+        self._last = 0.0
+        self._width = 0
+        self._line = ""
+
+    def update(self, samples: int, shards: int, errors: int = 0, force: bool = False) -> None:
+        """Redraws the line if enough time has passed since the last one (or ``force``)."""
+        now = time.monotonic()
+        if not force and now - self._last < (REDRAW_S if self.tty else LOG_EVERY_S):
+            return
+        self._last = now
+        self._line = format_progress(samples, self.total_samples, shards, self.total_shards, errors, now - self.start)
+        if self.tty:
+            self.stream.write("\r" + self._line.ljust(self._width))
+            self._width = len(self._line)
+        else:
+            self.stream.write(self._line + "\n")
+        self.stream.flush()
+
+    def close(self) -> None:
+        """Ends the line on a terminal."""
+        if self.tty and self._width:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+def format_progress(samples: int, total: int, shards: int, total_shards: int, errors: int, elapsed: float) -> str:
+    """``precompute: 120/400 samples (30.0%) | shards 3/10 | 12.5 img/s | ETA 22s | 1 errors``."""
+    rate = samples / elapsed if elapsed > 0 else 0.0
+    pct = 100.0 * samples / total if total else 100.0
+    eta = format_duration((total - samples) / rate) if rate > 0 else "?"
+    return (
+        f"precompute: {samples}/{total} samples ({pct:.1f}%) | shards {shards}/{total_shards} | "
+        f"{rate:.1f} img/s | ETA {eta} | {errors} errors"
+    )
+
+
+def format_duration(seconds: float) -> str:
+    """``45s``, ``3m05s``, ``2h07m``."""
+    s = int(round(seconds))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{(s % 3600) // 60:02d}m"

@@ -1,0 +1,387 @@
+"""The precompute driver: plans the job, opens or resumes the store under a lock, runs Ray actors over a shard queue.
+
+Actors are ``ray.remote(ShardWorker)``; each takes whole shards, writes their rows into the store itself and commits
+them. The driver only moves shard descriptions and small results: it requeues the shard of an actor that dies,
+starts a replacement, stops the job when ``--max-errors`` is exceeded, shows progress and writes the run report.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+import uuid
+from collections import Counter, deque
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timezone
+from typing import Any, Iterator, Sequence, TextIO
+
+from featup.errors import ConfigError
+from pipeline.config import PrecomputeConfig, options_for
+from pipeline.extract import Projection
+from pipeline.plan import COMPAT_KEYS, Plan, estimate_bytes, fit_projection, format_plan, make_plan
+from pipeline.progress import ProgressBar
+from pipeline.worker import OTHER_REASONS, ShardResult, ShardTask, ShardWorker
+
+EXIT_OK, EXIT_FAILED = 0, 1
+MAX_ATTEMPTS = 3  # a shard whose worker dies or fails this many times stops the job (it stays uncommitted)
+HEARTBEAT_S = 10.0
+TICK_S = 0.5
+ACTOR_PREFIX = "featup-precompute"
+
+
+def run_precompute(
+    config: PrecomputeConfig, *, command_line: Sequence[str] = (), out: TextIO | None = None, err: TextIO | None = None
+) -> int:
+    """Runs (or with ``dry_run`` only plans) a precompute job; returns the process exit code."""
+    out, err = out or sys.stdout, err or sys.stderr
+    plan = make_plan(config, command_line)
+    if config.dry_run:
+        print(format_plan(plan, estimate_bytes(plan), _existing_commits(plan)), file=out)
+        return EXIT_OK
+    run_id = uuid.uuid4().hex
+    store, committed, projection, clean = open_store(plan, run_id, err)
+    try:
+        driver = Driver(plan, store, committed, projection, clean=clean, run_id=run_id, err=err)
+        with ray_session(config) if driver.queue else nullcontext():
+            report = driver.run()
+        store.write_report(report)
+    finally:
+        store.release_lock()
+    print(json.dumps(report, indent=2), file=out)
+    if report["failure"]:
+        reasons = summarize_reasons(report["samples"]["error_reasons"])
+        print(f"featup: error: {report['failure']}" + (f"; most common reasons:\n{reasons}" if reasons else ""), file=err)
+    return EXIT_OK if report["status"] == "complete" else EXIT_FAILED
+
+
+def open_store(plan: Plan, run_id: str, err: TextIO):
+    """(store, committed shards, projection, clean): resumes a compatible store or creates one; holds its lock."""
+    from pipeline.store import FeatureStore, check_compatible
+
+    c = plan.config
+    options = options_for(c.output, c.storage_options)
+    if FeatureStore.exists(c.output, options) and not c.overwrite:
+        store = FeatureStore.open(c.output, options)
+        store.acquire_lock(run_id)  # refuses while another job runs, before anything is read or written
+        try:
+            check_compatible(store.attrs, plan.attrs, COMPAT_KEYS)
+        except Exception:
+            store.release_lock()
+            raise
+        committed = store.committed_shards() & {s.index for s in plan.shards}
+        projection = Projection.from_attrs(store.attrs["pca"]) if c.channels else None
+        print(
+            f"featup: resuming {c.output}: {len(committed)} of {len(plan.shards)} shards already committed and skipped, "
+            f"{len(plan.shards) - len(committed)} to compute",
+            file=err,
+        )
+        return store, committed, projection, False
+    projection = fit_projection(plan) if c.channels else None
+    attrs = {**plan.attrs, "pca": projection.to_attrs() if projection else None}
+    store = FeatureStore.create(
+        c.output, num_rows=plan.num_rows, arrays=plan.arrays, attrs=attrs, storage_options=options, overwrite=c.overwrite
+    )
+    store.acquire_lock(run_id)
+    return store, set(), projection, True
+
+
+def _existing_commits(plan: Plan) -> set[int] | None:
+    """For a dry run: the committed shards of a compatible existing store (None when there is none or it is replaced)."""
+    from pipeline.store import FeatureStore, check_compatible
+
+    c = plan.config
+    options = options_for(c.output, c.storage_options)
+    if c.overwrite or not FeatureStore.exists(c.output, options):
+        return None
+    store = FeatureStore.open(c.output, options, mode="r")
+    check_compatible(store.attrs, plan.attrs, COMPAT_KEYS)
+    return store.committed_shards()
+
+
+@contextmanager
+def ray_session(config: PrecomputeConfig) -> Iterator[None]:
+    """Uses the Ray already initialised in this process, or joins ``--address``, or starts a local Ray for the job."""
+    import logging
+
+    import ray
+
+    os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")  # workers use this interpreter and its installed packages
+    if ray.is_initialized():
+        yield
+        return
+    if config.address:
+        ray.init(address=config.address, logging_level=logging.WARNING)
+    else:
+        cpus = max(os.cpu_count() or 1, math.ceil(config.actors * config.cpus_per_actor))
+        ray.init(address="local", num_cpus=cpus, include_dashboard=False, logging_level=logging.WARNING)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+@dataclass
+class _Slot:
+    """One actor and the shard it is computing."""
+
+    actor: Any
+    name: str
+    task: ShardTask | None = None
+    ref: Any = None
+    progress_ref: Any = None
+    progress: int = 0
+
+
+@dataclass
+class _Totals:
+    """What this run has computed so far."""
+
+    samples: int = 0
+    ok: int = 0
+    failed: int = 0
+    shards: int = 0
+    retries: int = 0
+    restarts: int = 0
+    reasons: Counter = field(default_factory=Counter)
+    shard_errors: dict = field(default_factory=dict)
+    times: Counter = field(default_factory=Counter)
+    per_actor: dict = field(default_factory=dict)
+
+
+class Driver:
+    """The ray.wait loop over a queue of uncommitted shards, with actor replacement, error limit, progress and report."""
+
+    def __init__(
+        self, plan: Plan, store, committed: set[int], projection: Projection | None, *, clean: bool, run_id: str, err: TextIO
+    ) -> None:
+        self.plan, self.store, self.projection, self.run_id, self.err = plan, store, projection, run_id, err
+        config = plan.config
+        self.queue = deque(
+            ShardTask(shard, offset, clean=clean) for shard, offset in zip(plan.shards, plan.offsets) if shard.index not in committed
+        )
+        self.skipped = len(committed)
+        self.total = _Totals()
+        self.previous = _previous_errors(store) if committed else (0, Counter())
+        self.limit = config.error_limit(plan.num_rows)
+        self.failure: str | None = None
+        self.todo_samples = sum(t.shard.num_samples for t in self.queue)
+        self.progress = ProgressBar(self.todo_samples, len(self.queue), err)
+        self._actors_started = 0
+        self.resources: dict[str, float] = {}
+
+    def run(self) -> dict:
+        """Computes every queued shard (or stops on the error limit or a fatal failure) and returns the report."""
+        started_at, start = datetime.now(timezone.utc), time.monotonic()
+        slots: list[_Slot] = []
+        try:
+            if self.queue:
+                self.resources = actor_resources(self.plan.config)
+                slots = [self._new_slot() for _ in range(min(self.plan.config.actors, len(self.queue)))]
+                self._loop(slots)
+            self.progress.update(self.total.samples, self.total.shards, self._errors(), force=True)
+        finally:
+            self._kill(slots)
+            self.progress.close()
+        return self._report(started_at, time.monotonic() - start)
+
+    def _loop(self, slots: list[_Slot]) -> None:
+        import ray
+
+        last_beat = time.monotonic()
+        while self.failure is None and (self.queue or any(s.task for s in slots)):
+            for slot in slots:
+                if slot.task is None and self.queue:
+                    self._assign(slot, self.queue.popleft())
+            refs = [s.ref for s in slots if s.task is not None]
+            ready, _ = ray.wait(refs, num_returns=1, timeout=TICK_S)
+            for slot in [s for s in slots if s.ref in ready]:
+                self._collect(slot)
+            self._check_error_limit()
+            self._poll_progress(slots)
+            self.progress.update(self.total.samples + sum(s.progress for s in slots if s.task), self.total.shards, self._errors())
+            if time.monotonic() - last_beat > HEARTBEAT_S:
+                self.store.heartbeat()
+                last_beat = time.monotonic()
+
+    def _new_slot(self) -> _Slot:
+        import ray
+
+        config = self.plan.config
+        name = f"{ACTOR_PREFIX}-{self.run_id[:8]}-{self._actors_started}"
+        self._actors_started += 1
+        remote = ray.remote(ShardWorker).options(
+            name=name, max_concurrency=2, max_restarts=0, max_task_retries=0, **self.resources
+        )
+        threads = max(1, int(config.cpus_per_actor))
+        return _Slot(remote.remote(config, projection=self.projection, torch_threads=threads, run_id=self.run_id), name)
+
+    def _assign(self, slot: _Slot, task: ShardTask) -> None:
+        slot.task, slot.progress, slot.progress_ref = task, 0, None
+        slot.ref = slot.actor.process_shard.remote(task)
+
+    def _collect(self, slot: _Slot) -> None:
+        """Takes a finished shard's result, or requeues it after a worker death (with a fresh actor) or failure."""
+        import ray
+        from ray.exceptions import RayActorError, RayTaskError
+
+        task, ref = slot.task, slot.ref
+        slot.task, slot.ref, slot.progress, slot.progress_ref = None, None, 0, None
+        try:
+            result: ShardResult = ray.get(ref)
+        except RayActorError as e:
+            self.total.restarts += 1
+            ray.kill(slot.actor, no_restart=True)
+            new = self._new_slot()
+            slot.actor, slot.name = new.actor, new.name
+            self._retry(task, f"its worker died ({_first_line(e)})")
+            return
+        except RayTaskError as e:
+            self._retry(task, f"its worker failed ({_first_line(e)})")
+            return
+        self._record(result)
+
+    def _retry(self, task: ShardTask, reason: str) -> None:
+        self.total.retries += 1
+        if task.attempt >= MAX_ATTEMPTS:
+            self.failure = f"shard {task.shard.url} was tried {task.attempt} times and not committed; last time {reason}"
+            return
+        print(f"\nfeatup: warning: shard {task.shard.url} will be redone: {reason}", file=self.err)
+        self.queue.appendleft(replace(task, attempt=task.attempt + 1, clean=False))
+
+    def _record(self, result: ShardResult) -> None:
+        t = self.total
+        t.shards += 1
+        t.samples += result.num_samples
+        t.ok += result.num_ok
+        t.failed += result.num_failed
+        t.reasons.update(result.reasons)
+        if result.shard_error:
+            t.shard_errors[result.url] = result.shard_error
+        t.times.update({"read_wait": result.read_s, "decode_threads": result.decode_s, "model": result.model_s, "write": result.write_s})
+        actor = t.per_actor.setdefault(result.worker, Counter())
+        actor.update({"shards": 1, "samples": result.num_samples, "busy_s": result.wall_s})
+
+    def _errors(self) -> int:
+        return self.previous[0] + self.total.failed
+
+    def _check_error_limit(self) -> None:
+        if self.limit is not None and self._errors() > self.limit and self.failure is None:
+            self.failure = (
+                f"{self._errors()} failed samples exceed --max-errors {self.plan.config.max_errors} "
+                f"(at most {self.limit} of {self.plan.num_rows} samples)"
+            )
+
+    def _poll_progress(self, slots: list[_Slot]) -> None:
+        """Asks busy actors how far they are into their shard (answers arrive by the next tick)."""
+        import ray
+
+        for slot in slots:
+            if slot.task is None:
+                continue
+            if slot.progress_ref is not None:
+                ready, _ = ray.wait([slot.progress_ref], timeout=0)
+                if not ready:
+                    continue
+                try:
+                    slot.progress = min(int(ray.get(ready[0])), slot.task.shard.num_samples)
+                except Exception:  # the actor died: its shard's result says so
+                    pass
+            slot.progress_ref = slot.actor.progress.remote()
+
+    def _kill(self, slots: list[_Slot]) -> None:
+        import ray
+
+        for slot in slots:
+            ray.kill(slot.actor, no_restart=True)
+
+    def _report(self, started_at: datetime, wall_s: float) -> dict:
+        """The run report: config, counts, wall time, throughput, per-actor throughput and the time split."""
+        t, plan = self.total, self.plan
+        reasons = self.previous[1] + t.reasons
+        busy = sum(t.times[k] for k in ("read_wait", "model", "write"))
+        return {
+            "status": "complete" if self.failure is None else "failed",
+            "failure": self.failure,
+            "run_id": self.run_id,
+            "store": plan.config.output,
+            "started_at": started_at.isoformat(),
+            "wall_s": round(wall_s, 3),
+            "config": plan.config.describe(),
+            "command_line": plan.attrs.get("command_line", []),
+            "shards": {
+                "total": len(plan.shards),
+                "skipped_committed": self.skipped,
+                "computed": t.shards,
+                "retries": t.retries,
+                "read_errors": t.shard_errors,
+            },
+            "samples": {
+                "total": plan.num_rows,
+                "computed": t.samples,
+                "ok": t.ok,
+                "failed": t.failed,
+                "failed_in_store": self._errors(),
+                "error_limit": self.limit,
+                "error_reasons": dict(reasons.most_common(20)),
+            },
+            "throughput_images_per_s": round(t.samples / wall_s, 3) if wall_s > 0 else 0.0,
+            "actors": {
+                "count": plan.config.actors,
+                "started": self._actors_started,
+                "restarts": t.restarts,
+                "per_actor": _per_actor(t.per_actor),
+            },
+            "time_split_s": {k: round(v, 3) for k, v in t.times.items()},
+            "time_split_fraction": {k: round(t.times[k] / busy, 4) for k in ("read_wait", "model", "write")} if busy else {},
+        }
+
+
+def actor_resources(config: PrecomputeConfig) -> dict[str, float]:
+    """Ray resources of one actor; GPUs default to 1 when its device is CUDA (or auto and the cluster has GPUs).
+
+    On a local Ray an actor that can never be placed is a ConfigError (a cluster may still grow, so it is not checked).
+    """
+    import ray
+
+    available = ray.cluster_resources()
+    gpus = config.gpus_per_actor
+    if gpus is None:
+        wants_gpu = config.device.startswith("cuda") or (config.device == "auto" and available.get("GPU", 0) >= 1)
+        gpus = 1 if wants_gpu else 0
+    if config.address is None:
+        for name, need in (("CPU", config.cpus_per_actor), ("GPU", gpus)):
+            if need > available.get(name, 0):
+                flag = f"--{name.lower()}s-per-actor"
+                raise ConfigError(f"{flag}: expected at most the {available.get(name, 0):g} {name}s of this machine, got {need:g}")
+    return {"num_cpus": config.cpus_per_actor, "num_gpus": gpus}
+
+
+def _previous_errors(store) -> tuple[int, Counter]:
+    """Failed samples (and their reasons) of the shards committed by earlier runs."""
+    index = store.read_index()
+    errors = [e for s, e in zip(index["status"].to_pylist(), index["error"].to_pylist()) if s == "error"]
+    return len(errors), Counter(errors)
+
+
+def _per_actor(stats: dict[str, Counter]) -> dict[str, dict]:
+    return {
+        name: {"shards": s["shards"], "samples": s["samples"], "busy_s": round(s["busy_s"], 3),
+               "images_per_s": round(s["samples"] / s["busy_s"], 3) if s["busy_s"] else 0.0}
+        for name, s in stats.items()
+    }
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0] if text else ''}"[:300]
+
+
+def summarize_reasons(reasons: dict[str, int], limit: int = 10) -> str:
+    """The most common failure reasons as ``count x reason`` lines."""
+    items = sorted(reasons.items(), key=lambda kv: -kv[1])[:limit]
+    lines = [f"  {count} x {reason}" for reason, count in items if reason != OTHER_REASONS]
+    return "\n".join(lines)

@@ -1,0 +1,132 @@
+"""``featup precompute`` through the CLI: dry run, refusals, a full run, --max-errors, and a driver killed mid-run."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "pipeline"))
+import corpus  # noqa: E402
+import precompute_helpers as helpers  # noqa: E402
+
+from jobs.cli import main  # noqa: E402
+from pipeline.store import FeatureStore  # noqa: E402
+
+TINY = ["--backbone", helpers.TINY_BACKBONE, "--weights", "random", "--image-size", "32", "--kernel-backend", "eager"]
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    """One local Ray for the module, the tiny backbone module, the slow flag path and four good shards."""
+    root = tmp_path_factory.mktemp("precompute-cli")
+    modules = helpers.write_tiny_module(root / "mods")
+    flag = root / "slow.flag"
+    corpus.make_good_shards(root / "in", n_shards=4, per_shard=5)
+    with helpers.local_ray(modules, flag):
+        yield {"root": root, "flag": flag, "modules": modules, "pattern": str(root / "in" / "shard-{000000..000003}.tar")}
+
+
+def _cli(*args):
+    return main(["precompute", *map(str, args)])
+
+
+def test_dry_run_prints_the_plan_and_writes_nothing(env, tmp_path, capsys):
+    out = tmp_path / "plan.zarr"
+    assert _cli(env["pattern"], "--output", out, *TINY, "--save-lowres", "--save-image", "--dry-run") == 0
+    text = capsys.readouterr().out
+    assert "inputs: 4 shards, 20 samples" in text and "(new store)" in text
+    assert "features   (20, 16, 32, 32)" in text and "float16" in text
+    assert "lowres     (20, 16, 4, 4)" in text and "image      (20, 32, 32, 3)" in text and "uint8" in text
+    raw = 20 * (16 * 32 * 32 * 2 + 16 * 4 * 4 * 2 + 32 * 32 * 3)
+    estimated = int(text.split("estimated bytes on disk:")[1].split("(")[1].split(" bytes")[0])
+    assert 0 < estimated <= raw * 1.01  # zstd ratios measured on a real sample; at most the raw size (+ frame overhead)
+    assert not out.exists()
+
+
+def test_missing_shards_are_all_listed_before_anything_starts(env, tmp_path, capsys):
+    pattern = str(env["root"] / "in" / "shard-{000000..000005}.tar")
+    assert _cli(pattern, "--output", tmp_path / "out.zarr", *TINY) == 2
+    err = capsys.readouterr().err
+    assert "got 2 missing" in err and "shard-000004.tar" in err and "shard-000005.tar" in err
+    assert not (tmp_path / "out.zarr").exists()
+
+
+def test_an_incompatible_store_is_refused_naming_the_differences_and_overwrite_starts_over(env, tmp_path, capsys):
+    out = tmp_path / "out.zarr"
+    assert _cli(env["pattern"], "--output", out, *TINY, "--dtype", "float32", "--max-errors", "1%") == 0
+    first = FeatureStore.open(str(out), mode="r").attrs
+    assert first["backbone_weights"] == "random" and first["featup_version"] and first["created_at"] and first["pca"] is None
+    capsys.readouterr()
+
+    assert _cli(env["pattern"], "--output", out, *TINY, "--dtype", "float16", "--upsampler", "bilinear") == 2
+    err = capsys.readouterr().err
+    assert 'dtype: store has "float32", this run has "float16"' in err
+    assert 'upsampler: store has "jbu", this run has "bilinear"' in err and "--overwrite" in err
+
+    assert _cli(env["pattern"], "--output", out, *TINY, "--upsampler", "bilinear", "--overwrite") == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["status"] == "complete" and report["samples"]["ok"] == 20
+    assert FeatureStore.open(str(out), mode="r").attrs["upsampler"] == "bilinear"
+
+
+def test_exceeding_max_errors_exits_non_zero(env, tmp_path, capsys):
+    bad, expected = corpus.make_bad_shard(tmp_path / "in")
+    assert _cli(bad, "--output", tmp_path / "out.zarr", *TINY, "--max-errors", "0.25") == 1
+    failed = sum(s == "error" for s in expected.values())
+    limit, total = len(expected) // 4, len(expected)
+    assert f"{failed} failed samples exceed --max-errors 0.25 (at most {limit} of {total} samples)" in capsys.readouterr().err
+
+
+def test_driver_killed_mid_run_then_the_rerun_finishes_it(env, tmp_path, capsys):
+    out = tmp_path / "out.zarr"
+    args = [env["pattern"], "--output", out, *TINY, "--batch-size", "1"]
+    shards = sorted((env["root"] / "in").glob("shard-*.tar"))
+    reference = helpers.tiny_config(shards, tmp_path / "reference.zarr", batch_size=1, save_lowres=False, dtype="float16")
+    helpers.reference_store(reference)
+
+    child_env = {**os.environ, "PYTHONPATH": str(env["modules"]), helpers.SLOW_FLAG_ENV: str(env["flag"]), "HF_HUB_OFFLINE": "1"}
+    env["flag"].touch()
+    log = tmp_path / "driver.log"
+    with open(log, "wb") as log_file:  # a file, not a pipe: a full pipe would block the driver
+        driver = subprocess.Popen(
+            [sys.executable, "-m", "jobs.cli", "precompute", *map(str, args)],
+            env=child_env, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+    try:
+        try:
+            helpers.wait_for(lambda: (out / "lock.json").exists() or driver.poll() is not None, 90, "the job's lock")
+            assert driver.poll() is None, log.read_text()
+            assert _cli(*args) == 2  # a second job on the same store is refused while the first runs
+            assert "expected no other job writing to it" in capsys.readouterr().err
+            helpers.wait_for(lambda: list((out / "commits").glob("*.json")) or driver.poll() is not None, 90, "a first commit")
+            assert driver.poll() is None, "the job finished before it could be killed"
+            os.kill(driver.pid, signal.SIGKILL)
+            driver.wait(10)
+        finally:
+            env["flag"].unlink()
+        committed = len(list((out / "commits").glob("*.json")))
+        assert 1 <= committed < 4
+
+        assert _cli(*args) == 0  # the rerun takes over the dead driver's lock and computes the rest
+        err = capsys.readouterr().err
+        assert f"{committed} of 4 shards already committed and skipped" in err
+        helpers.assert_same_store(reference.output, str(out), same_urls=True)
+    finally:
+        _stop_group(driver.pid)
+
+
+def _stop_group(pgid: int, grace_s: float = 5.0) -> None:
+    """Waits for the killed driver's own Ray processes to exit; kills those left after ``grace_s`` (Ray leaves its node agents)."""
+    deadline = time.monotonic() + grace_s
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.2)
+    os.killpg(pgid, signal.SIGKILL)
