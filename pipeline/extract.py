@@ -160,7 +160,10 @@ class FeatureExtractor:
 
     def _to_storage(self, x: torch.Tensor) -> np.ndarray:
         """Round to the configured dtype (as a GPU run would), then to the storage dtype on the CPU."""
-        x = x.to(TORCH_DTYPES[self.config.dtype]).to(TORCH_DTYPES[self.config.storage_dtype])
+        x = x.to(TORCH_DTYPES[self.config.dtype])
+        # One pass to the storage dtype and to NCHW order (the JBU returns channels-last): torch does this
+        # about 2x faster than the transposing copy zarr would make of a strided numpy array.
+        x = x.to(TORCH_DTYPES[self.config.storage_dtype], memory_format=torch.contiguous_format)
         return x.cpu().numpy()
 
 

@@ -113,7 +113,9 @@ class ShardWorker:
         result = ShardResult(task.shard.index, task.shard.url, task.shard.num_samples, worker=self.name)
         rows: dict[int, dict] = {}
         self._done_in_shard = 0
-        writes = _BackgroundWrites()
+        # Off the CPU, writing overlaps the model; on the CPU the model already uses every core this actor
+        # has, and a writer thread would only compete with it, so rows are written in line.
+        writes = _BackgroundWrites(background=self.extractor.device.type != "cpu")
         with ThreadPoolExecutor(self.config.decode_threads, thread_name_prefix="decode") as pool, writes:
             batch = _Batch()
             for position, sample in self._samples(task, pool, result):
@@ -199,7 +201,7 @@ class ShardWorker:
             arrays["image"] = np.stack([s.image_uint8 for s in batch.samples])  # (B, S, S, 3)
         for name in self.config.labels:
             arrays[name] = np.stack([s.labels[name] for s in batch.samples])
-        writes.submit(_write_batch, store, list(batch.rows), arrays)
+        writes.submit(result, _write_batch, store, list(batch.rows), arrays)
         writes.wait(result, keep=1)  # at most one batch in flight bounds the memory held
         self._done_in_shard += len(batch.rows)
 
@@ -234,15 +236,21 @@ class _BackgroundWrites:
     """One writer thread: zstd compression and store writes of a batch overlap the model on the next one.
 
     ``wait`` blocks until at most ``keep`` writes are in flight, re-raising a write's error, and counts the
-    time blocked as write time (the part of writing the model did not hide).
+    time blocked as write time (the part of writing the model did not hide). With ``background=False``
+    each write runs at once in the calling thread.
     """
 
-    def __init__(self) -> None:
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="write")
+    def __init__(self, background: bool = True) -> None:
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="write") if background else None
         self._pending: list[Future] = []
 
-    def submit(self, fn, *args) -> None:
-        self._pending.append(self._pool.submit(fn, *args))
+    def submit(self, result: ShardResult, fn, *args) -> None:
+        if self._pool is not None:
+            self._pending.append(self._pool.submit(fn, *args))
+            return
+        t = time.perf_counter()
+        fn(*args)
+        result.write_s += time.perf_counter() - t
 
     def wait(self, result: ShardResult, keep: int) -> None:
         t = time.perf_counter()
@@ -254,7 +262,8 @@ class _BackgroundWrites:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._pool.shutdown(wait=True)  # on an error, let in-flight writes end before the shard is retried
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)  # on an error, let in-flight writes end before the shard is retried
 
 
 def _prefetch(url: str, config: PrecomputeConfig, spec, pool: ThreadPoolExecutor, result: ShardResult) -> Iterator[Any]:

@@ -17,7 +17,7 @@ from jobs.cli import main  # noqa: E402
 from jobs.show import PLACEHOLDER, RANDOM_WEIGHTS_NOTICE  # noqa: E402
 from pipeline.index import build_index_table  # noqa: E402
 from pipeline.probe import load_head  # noqa: E402
-from pipeline.store import FeatureStore  # noqa: E402
+from pipeline.store import ZSTD_LEVEL, FeatureStore  # noqa: E402
 from pipeline.visualize import BANNER_BACKGROUND, plan_panel  # noqa: E402
 
 
@@ -48,7 +48,7 @@ def test_inspect_json_counts_samples_reasons_shards_and_bytes_on_disk(store, cap
     assert list(arrays) == ["features", "lowres", "image", "seg.png"]
     assert arrays["features"]["shape"] == [9, sh.C, sh.H, sh.W] and arrays["features"]["dtype"] == "float16"
     assert arrays["seg.png"]["dims"] == ["sample", "image_y", "image_x"] and arrays["seg.png"]["chunks"] == [1, sh.IMAGE_H, sh.IMAGE_W]
-    assert arrays["image"]["codecs"] == ["bytes", "zstd(level=3)"]
+    assert arrays["image"]["codecs"] == ["bytes", f"zstd(level={ZSTD_LEVEL})"]
     for name, a in arrays.items():
         assert a["bytes_stored"] == _stored_bytes(Path(store) / name), name  # every object under the array's folder
         assert a["bytes"] == 9 * np.prod(a["shape"][1:]) * np.dtype(a["dtype"]).itemsize
@@ -58,7 +58,7 @@ def test_inspect_json_counts_samples_reasons_shards_and_bytes_on_disk(store, cap
 def test_inspect_table_shows_arrays_counts_and_provenance(store, capsys):
     assert main(["inspect", store]) == 0
     text = capsys.readouterr().out
-    assert f"features     (9, {sh.C}, {sh.H}, {sh.W})" in text and "bytes+zstd(level=3)" in text
+    assert f"features     (9, {sh.C}, {sh.H}, {sh.W})" in text and f"bytes+zstd(level={ZSTD_LEVEL})" in text
     assert "9 rows; 7 committed (5 ok, 2 failed); 2 in shards not committed yet" in text
     assert "     2  image is truncated" in text and "shards: 2 committed" in text
     assert "backbone_weights   random" in text

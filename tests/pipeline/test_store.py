@@ -15,7 +15,7 @@ import zarr
 import pipeline.store as store_module
 from featup.errors import ConfigError, InputError
 from pipeline.index import build_index_table
-from pipeline.store import ArraySpec, FeatureStore, StoreLockedError, check_compatible
+from pipeline.store import ZSTD_LEVEL, ArraySpec, FeatureStore, StoreLockedError, check_compatible
 
 C, H, W, LR = 3, 4, 4, 2
 SPECS = (
@@ -83,7 +83,7 @@ def test_layout_is_one_row_per_chunk_with_dimension_names_and_zstd(local_url):
     assert features.chunks == (1, C, H, W)
     assert features.metadata.dimension_names == ("sample", "channel", "y", "x")
     assert store.array("lowres").metadata.dimension_names == ("sample", "channel", "lr_y", "lr_x")
-    assert [type(c).__name__ for c in features.compressors] == ["ZstdCodec"] and features.compressors[0].level == 3
+    assert [type(c).__name__ for c in features.compressors] == ["ZstdCodec"] and features.compressors[0].level == ZSTD_LEVEL
     chunks = f"{local_url}/features/c"
     chunk_files = sorted(os.path.relpath(os.path.join(d, f), chunks) for d, _, fs in os.walk(chunks) for f in fs)
     assert chunk_files == ["3/0/0/0", "4/0/0/0"]  # each written row is its own object: one writer per object
