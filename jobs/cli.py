@@ -23,6 +23,8 @@ SUBCOMMANDS: dict[str, str] = {
     "inspect": "jobs.inspect",
     "show": "jobs.show",
     "probe": "jobs.probe",
+    "submit": "jobs.submit",
+    "train-jbu": "jobs.train_jbu",
 }
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130

@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from jobs.cli import positive_int
+from jobs.implicit_options import add_implicit_arguments, implicit_settings
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -16,7 +17,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--backbone", required=True, help="dino16, dino8, dinov2, clip, vit, resnet50, timm:<name> or pkg.module:callable")
     model.add_argument("--weights", default="auto", help="auto (pretrained, cached), random (offline, meaningless) or a weights file")
     model.add_argument("--checkpoint", default=None, help="trained FeatUp JBU checkpoint (path or URL)")
-    model.add_argument("--upsampler", default="jbu", help="jbu (default) or bilinear")
+    model.add_argument("--upsampler", default="jbu", help="jbu (default), bilinear or implicit (fitted per image: slow)")
     model.add_argument("--image-size", type=positive_int, default=224, help="resize shorter side + centre crop size (default 224)")
     size = model.add_mutually_exclusive_group()
     size.add_argument("--scale", type=positive_int, default=None, help="output size as a multiple of the low-res feature size")
@@ -25,6 +26,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--channels", type=positive_int, default=None, help="PCA to K channels, fitted on a sample of the inputs")
     model.add_argument("--pca-images", type=positive_int, default=32, help="images the --channels PCA is fitted on (default 32)")
     model.add_argument("--seed", type=int, default=0, help="seed of random weights and of the PCA sample (default 0)")
+    add_implicit_arguments(parser)
     data = parser.add_argument_group("data")
     data.add_argument("--labels", default="", help="label extensions to store with the features (seg.png,depth.npy)")
     data.add_argument("--image-key", default=None, help="the image extension when a sample has several (default: the one image extension)")
@@ -34,17 +36,34 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     data.add_argument("--max-errors", default=None, help="give up past this many failed samples: a count (10) or a fraction (0.01, 1%%)")
     data.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE", help="fsspec storage option (repeatable)")
     res = parser.add_argument_group("resources")
-    res.add_argument("--actors", type=positive_int, default=1, help="number of Ray actors (default 1)")
+    res.add_argument(
+        "--actors", type=actor_count, default=None,
+        help="number of Ray actors, or auto: one per GPU (CPU-only: one per --cpus-per-actor CPUs) on every live node, "
+        "more as nodes join (default: auto with --address, else 1)",
+    )
     res.add_argument("--device", default="auto", help="auto (cuda when the actor has a GPU), cpu, cuda or cuda:N")
     res.add_argument("--gpus-per-actor", type=float, default=None, help="GPUs per actor, fractions allowed (default: 1 with CUDA)")
     res.add_argument("--cpus-per-actor", type=float, default=1.0, help="CPUs per actor (default 1)")
     res.add_argument("--batch-size", type=positive_int, default=8, help="images per model call (default 8)")
-    res.add_argument("--decode-threads", type=positive_int, default=2, help="background decoding threads per actor (default 2)")
+    res.add_argument(
+        "--decode-threads", type=positive_int, default=None,
+        help="background decoding threads per actor (default: from its node, the CPUs per GPU less one, 1..16; 2 without a GPU)",
+    )
     res.add_argument("--kernel-backend", default="auto", help="JBU kernels: auto (torch.compile, eager fallback), compiled or eager")
     res.add_argument("--address", default=None, help="Ray cluster to join (auto, ray://host:10001); default: start a local Ray")
     run_opts = parser.add_argument_group("run")
     run_opts.add_argument("--overwrite", action="store_true", help="start over, deleting an existing store at --output")
     run_opts.add_argument("--dry-run", action="store_true", help="print the plan (shards, samples, arrays, bytes) and exit")
+
+
+def actor_count(text: str) -> int | str:
+    """An argparse type: a positive number of actors, or ``auto``."""
+    if text == "auto":
+        return text
+    try:
+        return positive_int(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer or auto, got {text!r}") from None
 
 
 def build_config(args: argparse.Namespace):
@@ -67,7 +86,7 @@ def build_config(args: argparse.Namespace):
         image_key=args.image_key,
         save_image=args.save_image,
         save_lowres=args.save_lowres,
-        actors=args.actors,
+        actors=args.actors if args.actors is not None else ("auto" if args.address else 1),
         device=args.device,
         gpus_per_actor=args.gpus_per_actor,
         cpus_per_actor=args.cpus_per_actor,
@@ -82,6 +101,7 @@ def build_config(args: argparse.Namespace):
         storage_options=parse_storage_options(args.storage_option),
         seed=args.seed,
         pca_images=args.pca_images,
+        implicit=implicit_settings(args),
     )
 
 

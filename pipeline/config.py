@@ -9,7 +9,7 @@ from typing import Any
 from featup.errors import ConfigError
 
 DTYPES = ("float16", "bfloat16", "float32")
-UPSAMPLERS = ("jbu", "bilinear")
+UPSAMPLERS = ("jbu", "bilinear", "implicit")  # implicit: a network fitted to each image (slow)
 KERNEL_BACKENDS = ("auto", "compiled", "eager")  # JBU kernels: torch.compile'd or eager, same results
 # zarr and numpy have no bfloat16: bfloat16 results are stored exactly as float32.
 STORAGE_DTYPES = {"float16": "float16", "bfloat16": "float32", "float32": "float32"}
@@ -32,6 +32,7 @@ FINGERPRINT_FIELDS = (
     "max_pixels",
     "seed",
     "pca_images",
+    "implicit",
 )
 
 
@@ -54,12 +55,12 @@ class PrecomputeConfig:
     image_key: str | None = None
     save_image: bool = False
     save_lowres: bool = False
-    actors: int = 1
+    actors: int | str = 1  # or "auto": the actors that fit on the cluster's live nodes, growing as nodes join
     device: str = "auto"
     gpus_per_actor: float | None = None  # None: 1 when the actors' device is CUDA (auto on a GPU cluster), else 0
     cpus_per_actor: float = 1.0
     batch_size: int = 8
-    decode_threads: int = 2
+    decode_threads: int | None = 2  # None: sized per actor from its node (pipeline.cluster.decode_threads_for)
     kernel_backend: str = "auto"  # "eager" skips the per-process torch.compile (seconds): best for tiny jobs
     address: str | None = None
     max_errors: int | float | None = None  # int: a count of failed samples; float in [0, 1]: a fraction of all samples
@@ -69,6 +70,7 @@ class PrecomputeConfig:
     storage_options: dict[str, Any] = field(default_factory=dict)
     seed: int = 0  # random weights and the PCA sample are drawn from generators seeded with it
     pca_images: int = 32  # images whose low-res features the --channels PCA is fitted on
+    implicit: Any = None  # ImplicitFitConfig (published defaults filled in) with --upsampler implicit, else None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "inputs", tuple(self.inputs))
@@ -170,6 +172,7 @@ def _check_model(c: PrecomputeConfig) -> None:
         raise ConfigError(f"--upsampler: expected one of {', '.join(UPSAMPLERS)}, got {c.upsampler!r}")
     if c.checkpoint is not None and c.upsampler != "jbu":
         raise ConfigError(f"--upsampler: expected jbu with --checkpoint, got {c.upsampler!r}")
+    _check_implicit(c)
     if c.kernel_backend not in KERNEL_BACKENDS:
         raise ConfigError(f"--kernel-backend: expected one of {', '.join(KERNEL_BACKENDS)}, got {c.kernel_backend!r}")
     if c.dtype not in DTYPES:
@@ -188,9 +191,30 @@ def _check_model(c: PrecomputeConfig) -> None:
         raise ConfigError(f"--labels: expected names other than the image and the stored arrays, got {sorted(reserved) or [c.image_key]}")
 
 
+def _check_implicit(c: PrecomputeConfig) -> None:
+    """The per-image fit settings: an ImplicitFitConfig (or its dict) with --upsampler implicit, None otherwise."""
+    if c.upsampler != "implicit":
+        if c.implicit is not None:
+            raise ConfigError(f"--implicit-*: expected --upsampler implicit with implicit fit settings, got --upsampler {c.upsampler}")
+        return
+    from featup.upsamplers.implicit_fit import ImplicitFitConfig  # torch: only for implicit jobs
+
+    value = c.implicit if c.implicit is not None else ImplicitFitConfig()
+    if isinstance(value, dict):
+        value = ImplicitFitConfig(**value)
+    if not isinstance(value, ImplicitFitConfig):
+        raise ConfigError(f"implicit: expected an ImplicitFitConfig or None, got {type(value).__name__}")
+    object.__setattr__(c, "implicit", value)
+
+
 def _check_resources(c: PrecomputeConfig) -> None:
-    for name in ("actors", "batch_size", "decode_threads"):
-        _positive(name, getattr(c, name))
+    if isinstance(c.actors, str):
+        if c.actors != "auto":
+            raise ConfigError(f"actors: expected a positive integer or auto, got {c.actors!r}")
+    else:
+        _positive("actors", c.actors)
+    _positive("batch_size", c.batch_size)
+    _positive("decode_threads", c.decode_threads, optional=True)
     g = c.gpus_per_actor
     if g is not None and (isinstance(g, bool) or not isinstance(g, (int, float)) or g < 0):
         raise ConfigError(f"--gpus-per-actor: expected a number >= 0, got {g!r}")

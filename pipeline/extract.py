@@ -14,6 +14,7 @@ from torch import nn
 
 from featup.errors import ConfigError
 from pipeline.config import PrecomputeConfig, options_for
+from pipeline.implicit_upsample import PerImageImplicit
 
 TORCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
@@ -73,9 +74,12 @@ class FeatureExtractor:
                 f"--image-size: expected a multiple of the stride {self.backbone.stride} of backbone "
                 f"{config.backbone!r}, got {config.image_size}"
             )
-        stages = max(1, round(math.log2(self.output_size[0] / self.lowres_size[0])))
-        upsampler = build_upsampler_for(config, self.backbone.dim, num_stages=stages)
-        self.upsampler = upsampler.to(device=self.device, dtype=self.dtype).eval()
+        if config.upsampler == "implicit":  # no upsampler to load: a network is fitted to each image
+            self.upsampler = PerImageImplicit(self.backbone, config.implicit, config.seed)
+        else:
+            stages = max(1, round(math.log2(self.output_size[0] / self.lowres_size[0])))
+            upsampler = build_upsampler_for(config, self.backbone.dim, num_stages=stages)
+            self.upsampler = upsampler.to(device=self.device, dtype=self.dtype).eval()
         if projection is not None and projection.weight.shape != (config.channels, self.backbone.dim):
             expected = (config.channels, self.backbone.dim)
             raise ConfigError(f"projection: expected a (channels, dim) = {expected} matrix, got {projection.weight.shape}")
@@ -142,7 +146,15 @@ class FeatureExtractor:
             out["lowres"] = self._project_lowres(lr)  # (B, K, h, w)
         return {name: self._to_storage(value) for name, value in out.items()}
 
+    @property
+    def image_progress(self) -> float:
+        """Images of the running call done so far, fractional (implicit fits only; 0 otherwise)."""
+        return getattr(self.upsampler, "progress", 0.0)
+
     def _upsample(self, lr: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        if self.config.upsampler == "implicit":  # fitted under grad inside, whatever the caller's mode
+            hr = self.upsampler(lr, x, self.output_size).to(self.dtype)  # (B, C, H, W)
+            return hr if self._weight is None else self._apply_projection(hr)
         if self._weight is None:
             return self.upsampler(lr, x, self.output_size)
         if self.config.upsampler == "bilinear":  # a channel map commutes exactly with bilinear resizing
@@ -201,6 +213,10 @@ def build_upsampler_for(config: PrecomputeConfig, dim: int, num_stages: int = 4)
             raise ConfigError(
                 f"--checkpoint {config.checkpoint}: expected {dim} channels (backbone {config.backbone}), got {upsampler.dim}"
             )
+        trained_for = upsampler.hyper_parameters.get("backbone")  # recorded by featup train-jbu
+        if trained_for is not None and trained_for != config.backbone:
+            raise ConfigError(f"--checkpoint {config.checkpoint}: expected a JBU trained for backbone {config.backbone!r}, "
+                              f"got one trained for {trained_for!r}")
         return upsampler
     extra = {"backend": config.kernel_backend} if config.upsampler == "jbu" else {}
     with seeded_global_generator(config.seed):  # construction draws a default init before the seeded reset

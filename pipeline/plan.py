@@ -6,9 +6,10 @@ import hashlib
 import json
 import math
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 import fsspec
 import numpy as np
@@ -19,10 +20,14 @@ from featup.errors import ConfigError, InputError
 from pipeline.config import FINGERPRINT_FIELDS, PrecomputeConfig, options_for
 from pipeline.extract import FeatureExtractor, Projection
 
+if TYPE_CHECKING:
+    from featup.upsamplers.implicit_fit import FitTiming
+
 # Attributes a resumed run must match besides the config fingerprint: the inputs' layout and the exact model.
 LAYOUT_KEYS = ("num_shards", "num_rows", "shards_sha256", "backbone_weights", "checkpoint_sha256")
 COMPAT_KEYS = (*FINGERPRINT_FIELDS, *LAYOUT_KEYS)
 BROKEN_KEY = ""  # key of the placeholder row that records an unreadable or truncated shard in the index
+QUICK_FIT_STEPS = 2  # implicit fits in the plan's measurements (bytes on disk) are this short
 MAX_SCANNED_FACTOR = 10  # sampling for labels/PCA reads at most this many raw samples per image it needs (+100)
 
 
@@ -210,7 +215,8 @@ def estimate_bytes(plan: Plan) -> dict[str, tuple[int, float | None]]:
     found = sample_decoded(plan, 1)
     measured: dict[str, np.ndarray] = {}
     if found:
-        measured = plan.extractor(found[0].image.unsqueeze(0))
+        with _quick_implicit(plan.extractor):  # an implicit fit's compression, measured on a short fit
+            measured = plan.extractor(found[0].image.unsqueeze(0))
         if plan.config.save_image:
             measured["image"] = found[0].image_uint8[None]
         measured.update({name: value[None] for name, value in found[0].labels.items()})
@@ -250,6 +256,8 @@ def format_plan(plan: Plan, estimate: dict[str, tuple[int, float | None]], commi
         how = f"zstd ratio {ratio:.2f} on a sample" if ratio is not None else "uncompressed"
         lines.append(f"    {spec.name:<10} {str((plan.num_rows, *spec.shape_per_row)):<28} {spec.dtype:<8} ~{human_bytes(disk)} ({how})")
     lines.append(f"  estimated bytes on disk: ~{human_bytes(total)} ({int(total)} bytes)")
+    if c.upsampler == "implicit":
+        lines.extend(implicit_time_lines(plan, sum(s.num_samples for s in todo)))
     return "\n".join(lines)
 
 
@@ -260,3 +268,62 @@ def human_bytes(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     return f"{n:.1f} TiB"
+
+
+@contextmanager
+def _quick_implicit(extractor: FeatureExtractor, steps: int = QUICK_FIT_STEPS) -> Iterator[None]:
+    """Inside the block an implicit extractor fits with ``steps`` steps and one chunk of views (a no-op otherwise)."""
+    upsampler = extractor.upsampler
+    if extractor.config.upsampler != "implicit":
+        yield
+        return
+    cfg = upsampler.config
+    views = min(cfg.n_views, cfg.featurize_batch)
+    extractor.upsampler = upsampler.with_config(replace(cfg, steps=steps, n_views=views))
+    try:
+        yield
+    finally:
+        extractor.upsampler = upsampler
+
+
+def measure_fit(plan: Plan) -> FitTiming | None:
+    """A FitTiming of one image's implicit fit on the driver's device (one chunk of views, a few steps), or None."""
+    from featup.upsamplers.implicit_fit import time_fit
+
+    found = sample_decoded(plan, 1)
+    if not found:
+        return None
+    upsampler = plan.extractor.upsampler
+    image = found[0].image.unsqueeze(0).to(plan.extractor.device)  # (1, 3, S, S)
+    generator = torch.Generator().manual_seed(plan.config.seed)
+    return time_fit(upsampler.featurize, image, upsampler.config, generator=generator)
+
+
+def implicit_time_lines(plan: Plan, images: int) -> list[str]:
+    """The dry run's time estimate of an implicit job: measured per view and per step here, per image, in total."""
+    from pipeline.progress import format_duration
+
+    cfg = plan.config.implicit
+    timing = measure_fit(plan)
+    dim = plan.extractor.backbone.dim
+    pca = f"PCA to {cfg.pca_dim} channels" if cfg.pca_dim is not None and cfg.pca_dim < dim else f"all {dim} channels"
+    head = (f"  implicit upsampler: SLOW, one network fitted per image ({cfg.steps} steps, {cfg.n_views} jittered views, "
+            f"{pca}); the paper's setting takes about a minute per image on an A100")
+    if timing is None:
+        return [head, "  time: not measured (no decodable sample)"]
+    actors = plan.config.actors if isinstance(plan.config.actors, int) else 1
+    total = timing.per_image_s * images / actors
+    return [
+        head,
+        f"  time measured on this machine ({timing.device}): {timing.view_s * 1e3:.1f} ms per view, "
+        f"{timing.step_s * 1e3:.1f} ms per step -> ~{format_duration(timing.per_image_s)} per image",
+        f"  estimated time for {images} images on {actors} such actor(s): ~{format_duration(total)}"
+        + (" (GPU actors are much faster)" if timing.device == "cpu" else ""),
+    ]
+
+
+def implicit_notice(plan: Plan) -> str:
+    """One line before an implicit run starts: what it does and that it is slow."""
+    cfg = plan.config.implicit
+    return (f"featup: --upsampler implicit fits one network per image ({cfg.steps} steps, {cfg.n_views} views): slow by nature, "
+            "about a minute per image on an A100 in the paper's setting; --dry-run measures it on this machine")

@@ -20,7 +20,7 @@ class ProgressBar:
         self._width = 0
         self._line = ""
 
-    def update(self, samples: int, shards: int, errors: int = 0, force: bool = False) -> None:
+    def update(self, samples: float, shards: int, errors: int = 0, force: bool = False) -> None:
         """Redraws the line if enough time has passed since the last one (or ``force``)."""
         now = time.monotonic()
         if not force and now - self._last < (REDRAW_S if self.tty else LOG_EVERY_S):
@@ -41,14 +41,20 @@ class ProgressBar:
             self.stream.flush()
 
 
-def format_progress(samples: int, total: int, shards: int, total_shards: int, errors: int, elapsed: float) -> str:
-    """``precompute: 120/400 samples (30.0%) | shards 3/10 | 12.5 img/s | ETA 22s | 1 errors``."""
+def format_progress(samples: float, total: int, shards: int, total_shards: int, errors: int, elapsed: float) -> str:
+    """``precompute: 120/400 samples (30.0%) | shards 3/10 | 12.5 img/s | ETA 22s | 1 errors``.
+
+    ``samples`` may be fractional (implicit fits report the steps done of the images in progress): it is then
+    shown to a tenth; below one image a second the rate is shown as seconds per image.
+    """
     rate = samples / elapsed if elapsed > 0 else 0.0
     pct = 100.0 * samples / total if total else 100.0
     eta = format_duration((total - samples) / rate) if rate > 0 else "?"
+    done = f"{samples:.1f}" if samples != int(samples) else f"{int(samples)}"
+    speed = f"{rate:.1f} img/s" if rate >= 1.0 or rate == 0 else f"{1.0 / rate:.1f} s/img"
     return (
-        f"precompute: {samples}/{total} samples ({pct:.1f}%) | shards {shards}/{total_shards} | "
-        f"{rate:.1f} img/s | ETA {eta} | {errors} errors"
+        f"precompute: {done}/{total} samples ({pct:.1f}%) | shards {shards}/{total_shards} | "
+        f"{speed} | ETA {eta} | {errors} errors"
     )
 
 

@@ -1,8 +1,10 @@
 """The precompute driver: plans the job, opens or resumes the store under a lock, runs Ray actors over a shard queue.
 
-Actors are ``ray.remote(ShardWorker)``; each takes whole shards, writes their rows into the store itself and commits
-them. The driver only moves shard descriptions and small results: it requeues the shard of an actor that dies,
-starts a replacement, stops the job when ``--max-errors`` is exceeded, shows progress and writes the run report.
+Actors are ``ray.remote(NodeWorker)`` (a ShardWorker that knows its node), kept by ``pipeline.cluster.ActorPool``;
+each takes whole shards, writes their rows into the store itself and commits them. The driver only moves shard
+descriptions and small results: it gives shards to placed actors only, requeues the shard of an actor that dies (the
+pool starts a replacement if one is still needed), stops the job when ``--max-errors`` is exceeded, shows progress
+and writes the run report (with each actor's node).
 """
 
 from __future__ import annotations
@@ -17,14 +19,15 @@ from collections import Counter, deque
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
-from typing import Any, Iterator, Sequence, TextIO
+from typing import Iterator, Sequence, TextIO
 
 from featup.errors import ConfigError
+from pipeline.cluster import MAX_START_FAILURES, ActorPool, Slot, first_line
 from pipeline.config import PrecomputeConfig, options_for
 from pipeline.extract import Projection
 from pipeline.plan import COMPAT_KEYS, Plan, estimate_bytes, fit_projection, format_plan, make_plan
 from pipeline.progress import ProgressBar
-from pipeline.worker import OTHER_REASONS, ShardResult, ShardTask, ShardWorker
+from pipeline.worker import OTHER_REASONS, ShardResult, ShardTask
 
 EXIT_OK, EXIT_FAILED = 0, 1
 MAX_ATTEMPTS = 3  # a shard whose worker dies or fails this many times stops the job (it stays uncommitted)
@@ -42,6 +45,10 @@ def run_precompute(
     if config.dry_run:
         print(format_plan(plan, estimate_bytes(plan), _existing_commits(plan)), file=out)
         return EXIT_OK
+    if config.upsampler == "implicit":  # slow by nature: say so before the progress bar starts
+        from pipeline.plan import implicit_notice
+
+        print(implicit_notice(plan), file=err)
     run_id = uuid.uuid4().hex
     store, committed, projection, clean = open_store(plan, run_id, err)
     try:
@@ -116,24 +123,13 @@ def ray_session(config: PrecomputeConfig) -> Iterator[None]:
     if config.address:
         ray.init(address=config.address, logging_level=logging.WARNING)
     else:
-        cpus = max(os.cpu_count() or 1, math.ceil(config.actors * config.cpus_per_actor))
+        wanted = 0 if config.actors == "auto" else math.ceil(config.actors * config.cpus_per_actor)
+        cpus = max(os.cpu_count() or 1, wanted)
         ray.init(address="local", num_cpus=cpus, include_dashboard=False, logging_level=logging.WARNING)
     try:
         yield
     finally:
         ray.shutdown()
-
-
-@dataclass
-class _Slot:
-    """One actor and the shard it is computing."""
-
-    actor: Any
-    name: str
-    task: ShardTask | None = None
-    ref: Any = None
-    progress_ref: Any = None
-    progress: int = 0
 
 
 @dataclass
@@ -145,7 +141,6 @@ class _Totals:
     failed: int = 0
     shards: int = 0
     retries: int = 0
-    restarts: int = 0
     reasons: Counter = field(default_factory=Counter)
     shard_errors: dict = field(default_factory=dict)
     times: Counter = field(default_factory=Counter)
@@ -170,61 +165,66 @@ class Driver:
         self.failure: str | None = None
         self.todo_samples = sum(t.shard.num_samples for t in self.queue)
         self.progress = ProgressBar(self.todo_samples, len(self.queue), err)
-        self._actors_started = 0
-        self.resources: dict[str, float] = {}
+        self.pool: ActorPool | None = None
 
     def run(self) -> dict:
         """Computes every queued shard (or stops on the error limit or a fatal failure) and returns the report."""
         started_at, start = datetime.now(timezone.utc), time.monotonic()
-        slots: list[_Slot] = []
         try:
             if self.queue:
-                self.resources = actor_resources(self.plan.config)
-                slots = [self._new_slot() for _ in range(min(self.plan.config.actors, len(self.queue)))]
-                self._loop(slots)
+                config = self.plan.config
+                self.pool = ActorPool(
+                    config, actor_resources(config), projection=self.projection, run_id=self.run_id, prefix=ACTOR_PREFIX, err=self.err
+                )
+                self._loop(self.pool)
             self.progress.update(self.total.samples, self.total.shards, self._errors(), force=True)
         finally:
-            self._kill(slots)
+            if self.pool is not None:
+                self.pool.close()
             self.progress.close()
         return self._report(started_at, time.monotonic() - start)
 
-    def _loop(self, slots: list[_Slot]) -> None:
-        import ray
-
+    def _loop(self, pool: ActorPool) -> None:
+        """Hands queued shards to placed idle actors, collects results, and keeps the pool sized to the work left."""
         last_beat = time.monotonic()
-        while self.failure is None and (self.queue or any(s.task for s in slots)):
-            for slot in slots:
-                if slot.task is None and self.queue:
+        while self.failure is None and (self.queue or pool.busy()):
+            pool.fill(len(self.queue) + len(pool.busy()))
+            pool.poll()
+            self._check_start_failures(pool)
+            for slot in pool.idle():
+                if self.queue:
                     self._assign(slot, self.queue.popleft())
-            refs = [s.ref for s in slots if s.task is not None]
-            ready, _ = ray.wait(refs, num_returns=1, timeout=TICK_S)
-            for slot in [s for s in slots if s.ref in ready]:
+            ready = self._wait(pool.refs())
+            for slot in [s for s in pool.busy() if s.ref in ready]:
                 self._collect(slot)
             self._check_error_limit()
-            self._poll_progress(slots)
-            self.progress.update(self.total.samples + sum(s.progress for s in slots if s.task), self.total.shards, self._errors())
+            self._poll_progress(pool.busy())
+            self.progress.update(self.total.samples + sum(s.progress for s in pool.busy()), self.total.shards, self._errors())
             if time.monotonic() - last_beat > HEARTBEAT_S:
                 self.store.heartbeat()
                 last_beat = time.monotonic()
 
-    def _new_slot(self) -> _Slot:
+    @staticmethod
+    def _wait(refs: list) -> list:
+        """The refs that are ready after at most one tick (one is enough to act on)."""
         import ray
 
-        config = self.plan.config
-        name = f"{ACTOR_PREFIX}-{self.run_id[:8]}-{self._actors_started}"
-        self._actors_started += 1
-        remote = ray.remote(ShardWorker).options(
-            name=name, max_concurrency=2, max_restarts=0, max_task_retries=0, **self.resources
-        )
-        threads = max(1, int(config.cpus_per_actor))
-        return _Slot(remote.remote(config, projection=self.projection, torch_threads=threads, run_id=self.run_id), name)
+        if not refs:
+            time.sleep(TICK_S)
+            return []
+        ready, _ = ray.wait(refs, num_returns=1, timeout=TICK_S)
+        return ready
 
-    def _assign(self, slot: _Slot, task: ShardTask) -> None:
+    def _check_start_failures(self, pool: ActorPool) -> None:
+        if pool.start_failures >= MAX_START_FAILURES and self.failure is None:
+            self.failure = f"{pool.start_failures} precompute actors failed to start; last error: {pool.last_start_error}"
+
+    def _assign(self, slot: Slot, task: ShardTask) -> None:
         slot.task, slot.progress, slot.progress_ref = task, 0, None
         slot.ref = slot.actor.process_shard.remote(task)
 
-    def _collect(self, slot: _Slot) -> None:
-        """Takes a finished shard's result, or requeues it after a worker death (with a fresh actor) or failure."""
+    def _collect(self, slot: Slot) -> None:
+        """Takes a finished shard's result, or requeues it after a worker death (the pool replaces the actor) or failure."""
         import ray
         from ray.exceptions import RayActorError, RayTaskError
 
@@ -233,14 +233,11 @@ class Driver:
         try:
             result: ShardResult = ray.get(ref)
         except RayActorError as e:
-            self.total.restarts += 1
-            ray.kill(slot.actor, no_restart=True)
-            new = self._new_slot()
-            slot.actor, slot.name = new.actor, new.name
-            self._retry(task, f"its worker died ({_first_line(e)})")
+            self.pool.lost(slot)
+            self._retry(task, f"its worker died ({first_line(e)})")
             return
         except RayTaskError as e:
-            self._retry(task, f"its worker failed ({_first_line(e)})")
+            self._retry(task, f"its worker failed ({first_line(e)})")
             return
         self._record(result)
 
@@ -275,7 +272,7 @@ class Driver:
                 f"(at most {self.limit} of {self.plan.num_rows} samples)"
             )
 
-    def _poll_progress(self, slots: list[_Slot]) -> None:
+    def _poll_progress(self, slots: list[Slot]) -> None:
         """Asks busy actors how far they are into their shard (answers arrive by the next tick)."""
         import ray
 
@@ -287,16 +284,22 @@ class Driver:
                 if not ready:
                     continue
                 try:
-                    slot.progress = min(int(ray.get(ready[0])), slot.task.shard.num_samples)
+                    slot.progress = min(float(ray.get(ready[0])), slot.task.shard.num_samples)  # fractional: implicit fits
                 except Exception:  # the actor died: its shard's result says so
                     pass
             slot.progress_ref = slot.actor.progress.remote()
 
-    def _kill(self, slots: list[_Slot]) -> None:
-        import ray
-
-        for slot in slots:
-            ray.kill(slot.actor, no_restart=True)
+    def _actors_report(self) -> dict:
+        """Actors wanted, started and lost, each actor's throughput and node, and the work done per node."""
+        pool = self.pool
+        nodes = {name: pool.node_of(name) for name in self.total.per_actor} if pool else {}
+        return {
+            "count": self.plan.config.actors,
+            "started": pool.started if pool else 0,
+            "restarts": pool.deaths if pool else 0,
+            "per_actor": _per_actor(self.total.per_actor, nodes),
+            "nodes": _per_node(self.total.per_actor, nodes),
+        }
 
     def _report(self, started_at: datetime, wall_s: float) -> dict:
         """The run report: config, counts, wall time, throughput, per-actor throughput and the time split."""
@@ -329,12 +332,7 @@ class Driver:
                 "error_reasons": dict(reasons.most_common(20)),
             },
             "throughput_images_per_s": round(t.samples / wall_s, 3) if wall_s > 0 else 0.0,
-            "actors": {
-                "count": plan.config.actors,
-                "started": self._actors_started,
-                "restarts": t.restarts,
-                "per_actor": _per_actor(t.per_actor),
-            },
+            "actors": self._actors_report(),
             "time_split_s": {k: round(v, 3) for k, v in t.times.items()},
             "time_split_fraction": {k: round(t.times[k] / busy, 4) for k in ("read_wait", "model", "write")} if busy else {},
         }
@@ -367,17 +365,29 @@ def _previous_errors(store) -> tuple[int, Counter]:
     return len(errors), Counter(errors)
 
 
-def _per_actor(stats: dict[str, Counter]) -> dict[str, dict]:
+def _per_actor(stats: dict[str, Counter], nodes: dict[str, dict]) -> dict[str, dict]:
     return {
         name: {"shards": s["shards"], "samples": s["samples"], "busy_s": round(s["busy_s"], 3),
-               "images_per_s": round(s["samples"] / s["busy_s"], 3) if s["busy_s"] else 0.0}
+               "images_per_s": round(s["samples"] / s["busy_s"], 3) if s["busy_s"] else 0.0,
+               "node_id": nodes.get(name, {}).get("node_id"), "node_ip": nodes.get(name, {}).get("node_ip"),
+               "decode_threads": nodes.get(name, {}).get("decode_threads")}
         for name, s in stats.items()
     }
 
 
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {text[0] if text else ''}"[:300]
+def _per_node(stats: dict[str, Counter], nodes: dict[str, dict]) -> dict[str, dict]:
+    """Actors, shards and samples per node id (two nodes on one machine share an IP, so nodes are told apart by id)."""
+    out: dict[str, dict] = {}
+    for name, s in stats.items():
+        info = nodes.get(name, {})
+        node = out.setdefault(
+            str(info.get("node_id")),
+            {"ip": info.get("node_ip"), "resources": info.get("node_resources", {}), "actors": 0, "shards": 0, "samples": 0},
+        )
+        node["actors"] += 1
+        node["shards"] += s["shards"]
+        node["samples"] += s["samples"]
+    return out
 
 
 def summarize_reasons(reasons: dict[str, int], limit: int = 10) -> str:

@@ -255,7 +255,9 @@ def check_compatible(existing_attrs: dict, new_attrs: dict, keys: Sequence[str])
         return "(not set)" if value is missing else json.dumps(value)
 
     def same(a: Any, b: Any) -> bool:
-        return (a is missing) == (b is missing) and (a is missing or _json_roundtrip(a) == _json_roundtrip(b))
+        # A setting added in a later version is None when unused, and absent from older stores: the same thing.
+        a, b = (None if v is missing else v for v in (a, b))
+        return _json_roundtrip(a) == _json_roundtrip(b)
 
     diffs = []
     for key in keys:

@@ -92,9 +92,9 @@ class ShardWorker:
         """This worker's process id (the fault tests kill it)."""
         return os.getpid()
 
-    def progress(self) -> int:
-        """Samples done so far in the shard being computed (the driver polls it for the progress bar)."""
-        return self._done_in_shard
+    def progress(self) -> float:
+        """Samples done so far in the shard being computed, fractional during implicit fits (polled for the progress bar)."""
+        return self._done_in_shard + self.extractor.image_progress
 
     def store(self):
         """The store, opened on first use inside this process (zarr and s3fs clients do not survive fork or pickling)."""

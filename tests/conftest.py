@@ -17,3 +17,14 @@ def official_fixtures() -> Path:
     """Folder of the published FeatUp reference outputs (``../shared/fixtures/featup-official``)."""
     assert FIXTURES.is_dir(), f"reference fixtures missing at {FIXTURES}"
     return FIXTURES
+
+
+@pytest.fixture
+def one_torch_thread():
+    """One torch thread for the test: on a 2-core machine shared with Ray workers, two threads oversubscribe it (10x slower)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -18,6 +18,7 @@ from torch import nn
 
 from featup.errors import InputError
 from featup.layers import ChannelNorm, MinMaxScaler
+from featup.upsamplers.jbu import _conv1x1
 
 
 class FourierFeatures(nn.Module):
@@ -71,6 +72,17 @@ class FourierFeatures(nn.Module):
         return torch.cat(parts, dim=1)
 
 
+class PointwiseConv(nn.Conv2d):
+    """A 1x1 ``nn.Conv2d`` (same parameters and state-dict keys) evaluated as a matmul: several times faster on
+    the CPU than the convolution kernels, forward and backward, and exact float32 on GPUs (no TF32)."""
+
+    def __init__(self, in_channels: int, out_channels: int, **kw) -> None:
+        super().__init__(in_channels, out_channels, 1, **kw)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _conv1x1(x, self.weight, self.bias)  # (B, out, H, W)
+
+
 class ImplicitUpsampler(nn.Module):
     """Per-image implicit network image -> (B, dim, H', W') features; published defaults (n_freqs 30, width 128)."""
 
@@ -96,13 +108,13 @@ class ImplicitUpsampler(nn.Module):
             fourier,
             ChannelNorm(start, **fk),
             nn.Dropout2d(dropout),
-            nn.Conv2d(start, hidden_dim, 1, **fk),
+            PointwiseConv(start, hidden_dim, **fk),
             nn.ReLU(),
             nn.Dropout2d(dropout),
             ChannelNorm(hidden_dim, **fk),
-            nn.Conv2d(hidden_dim, hidden_dim, 1, **fk),
+            PointwiseConv(hidden_dim, hidden_dim, **fk),
             nn.ReLU(),
-            nn.Conv2d(hidden_dim, dim, 1, **fk),
+            PointwiseConv(hidden_dim, dim, **fk),
         )
         if generator is not None:
             self._init_convs(generator)

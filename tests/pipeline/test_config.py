@@ -24,7 +24,7 @@ def test_fingerprint_holds_the_content_settings_and_not_the_resources():
     "overrides, message",
     [
         (dict(inputs=()), "inputs: expected one or more shard paths"),
-        (dict(upsampler="implicit"), "--upsampler: expected one of jbu, bilinear, got 'implicit'"),
+        (dict(upsampler="nearest"), "--upsampler: expected one of jbu, bilinear, implicit, got 'nearest'"),
         (dict(dtype="int8"), "--dtype: expected one of float16, bfloat16, float32, got 'int8'"),
         (dict(scale=2, output_size=64), "expected at most one of them"),
         (dict(image_size=0), "image-size: expected a positive integer, got 0"),

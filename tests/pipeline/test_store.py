@@ -271,6 +271,12 @@ def test_check_compatible_names_every_difference():
     check_compatible(ATTRS, {**ATTRS, "image_size": (H, W)}, list(ATTRS))
 
 
+def test_check_compatible_takes_a_setting_missing_from_an_older_store_as_unset():
+    check_compatible(ATTRS, {**ATTRS, "implicit": None}, [*ATTRS, "implicit"])  # added later, unused by this run
+    with pytest.raises(ConfigError, match='implicit: store has \\(not set\\), this run has {"steps": 5}'):
+        check_compatible(ATTRS, {**ATTRS, "implicit": {"steps": 5}}, [*ATTRS, "implicit"])
+
+
 def test_write_rows_refuses_wrong_shapes_ranges_and_lossy_casts(local_url):
     store = _create(local_url)
     with pytest.raises(InputError, match=r"expected shape \(n, 3, 4, 4\), got \(1, 3, 4, 5\)"):

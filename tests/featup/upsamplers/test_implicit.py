@@ -30,9 +30,10 @@ def test_published_defaults_and_layout():
     assert up.net[4].in_channels == 303 and up.net[4].out_channels == 128
     assert up.net[10].out_channels == 32
     assert [type(m).__name__ for m in up.net] == [
-        "MinMaxScaler", "FourierFeatures", "ChannelNorm", "Dropout2d", "Conv2d", "ReLU",
-        "Dropout2d", "ChannelNorm", "Conv2d", "ReLU", "Conv2d",
+        "MinMaxScaler", "FourierFeatures", "ChannelNorm", "Dropout2d", "PointwiseConv", "ReLU",
+        "Dropout2d", "ChannelNorm", "PointwiseConv", "ReLU", "PointwiseConv",
     ]
+    assert all(isinstance(up.net[i], torch.nn.Conv2d) and up.net[i].kernel_size == (1, 1) for i in (4, 8, 10))
     assert up.net[3].p == 0.2 and up.net[6].p == 0.2
     assert fourier.biases.shape == (2, 5, 30)
     keys = set(up.state_dict())
@@ -130,3 +131,11 @@ def test_invalid_inputs_raise():
         up(_img(), (8,))
     with pytest.raises(InputError):
         up(_img(), (0, 8))
+
+
+def test_pointwise_conv_computes_the_same_as_a_1x1_convolution():
+    from featup.upsamplers.implicit import PointwiseConv
+
+    conv = PointwiseConv(7, 5)
+    x = torch.randn(2, 7, 6, 9, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(conv(x), F.conv2d(x, conv.weight, conv.bias), rtol=1e-5, atol=1e-5)
