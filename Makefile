@@ -28,6 +28,8 @@ bench: $(VENV)/.installed
 	$(BIN)/python bench/bench_jbu_memory.py
 	$(BIN)/python bench/bench_precompute.py
 	$(BIN)/python bench/bench_reader.py
+	$(BIN)/python bench/bench_training.py
+	$(BIN)/python bench/bench_quality.py
 
 clean:
 	rm -rf $(VENV) $(DEMO_OUT) .pytest_cache

@@ -25,6 +25,7 @@ SUBCOMMANDS: dict[str, str] = {
     "probe": "jobs.probe",
     "submit": "jobs.submit",
     "train-jbu": "jobs.train_jbu",
+    "evaluate": "jobs.evaluate",
 }
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
