@@ -19,6 +19,7 @@ from featup.downsamplers import AttentionDownsampler
 from featup.errors import ConfigError, InputError
 from featup.jitter import JitterParams, apply_jitter
 from featup.losses import blur_pin_loss, magnitude, magnitude_loss, magnitude_tv, reconstruction_loss
+from featup.objective import Terms
 
 
 @dataclass(frozen=True)
@@ -37,7 +38,7 @@ class ImplicitLossWeights:
 
 
 @dataclass
-class ImplicitLossTerms:
+class ImplicitLossTerms(Terms):
     """The objective's terms: ``total`` is differentiable; the others are its parts, for logging by the caller."""
 
     total: torch.Tensor
@@ -45,9 +46,6 @@ class ImplicitLossTerms:
     magnitude: torch.Tensor
     magnitude_tv: torch.Tensor
     blur_pin: torch.Tensor
-
-    def as_floats(self) -> dict[str, float]:
-        return {name: float(value.detach()) for name, value in vars(self).items()}
 
 
 def implicit_views_loss(

@@ -47,17 +47,22 @@ class MultiViewConfig:
             raise ConfigError(f"crf_weight / tv_weight: expected >= 0, got {self.crf_weight} and {self.tv_weight}")
 
 
+class Terms:
+    """Base of an objective's terms (dataclass fields of scalar tensors): ``total`` and its parts."""
+
+    def as_floats(self) -> dict[str, float]:
+        """Every term as a float, for logging by the caller."""
+        return {name: float(value.detach()) for name, value in vars(self).items()}
+
+
 @dataclass
-class LossTerms:
+class LossTerms(Terms):
     """The objective's terms: ``total`` is differentiable; the others are its parts, for logging by the caller."""
 
     total: torch.Tensor
     reconstruction: torch.Tensor
     crf: torch.Tensor
     tv: torch.Tensor
-
-    def as_floats(self) -> dict[str, float]:
-        return {name: float(value.detach()) for name, value in vars(self).items()}
 
 
 def multiview_loss(
