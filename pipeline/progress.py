@@ -9,36 +9,60 @@ REDRAW_S = 0.5  # on a terminal the line is redrawn in place this often
 LOG_EVERY_S = 10.0  # elsewhere (logs, pipes) a new line is written this often
 
 
-class ProgressBar:
-    """Tracks samples and shards done out of a known total and writes one status line."""
+class StatusLine:
+    """One throttled status line on a stream: redrawn in place on a terminal, a new line now and then elsewhere."""
 
-    def __init__(self, total_samples: int, total_shards: int, stream: TextIO) -> None:
-        self.total_samples, self.total_shards, self.stream = total_samples, total_shards, stream
+    def __init__(self, stream: TextIO | None) -> None:
+        self.stream = stream  # None: draw nothing (e.g. non-zero ranks of a data-parallel run)
         self.start = time.monotonic()
         self.tty = bool(getattr(stream, "isatty", lambda: False)())
         self._last = 0.0
         self._width = 0
-        self._line = ""
 
-    def update(self, samples: float, shards: int, errors: int = 0, force: bool = False) -> None:
-        """Redraws the line if enough time has passed since the last one (or ``force``)."""
-        now = time.monotonic()
-        if not force and now - self._last < (REDRAW_S if self.tty else LOG_EVERY_S):
+    def due(self, force: bool = False) -> bool:
+        """Whether a line should be drawn now: enough time since the last one, or ``force``."""
+        if self.stream is None:
+            return False
+        return force or time.monotonic() - self._last >= (REDRAW_S if self.tty else LOG_EVERY_S)
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.start
+
+    def draw(self, line: str) -> None:
+        """Writes ``line`` (over the previous one on a terminal)."""
+        if self.stream is None:
             return
-        self._last = now
-        self._line = format_progress(samples, self.total_samples, shards, self.total_shards, errors, now - self.start)
+        self._last = time.monotonic()
         if self.tty:
-            self.stream.write("\r" + self._line.ljust(self._width))
-            self._width = len(self._line)
+            self.stream.write("\r" + line.ljust(self._width))
+            self._width = len(line)
         else:
-            self.stream.write(self._line + "\n")
+            self.stream.write(line + "\n")
         self.stream.flush()
 
     def close(self) -> None:
         """Ends the line on a terminal."""
-        if self.tty and self._width:
+        if self.stream is not None and self.tty and self._width:
             self.stream.write("\n")
             self.stream.flush()
+
+
+class ProgressBar:
+    """Tracks samples and shards done out of a known total and writes one status line."""
+
+    def __init__(self, total_samples: int, total_shards: int, stream: TextIO) -> None:
+        self.total_samples, self.total_shards = total_samples, total_shards
+        self.line = StatusLine(stream)
+
+    def update(self, samples: float, shards: int, errors: int = 0, force: bool = False) -> None:
+        """Redraws the line if enough time has passed since the last one (or ``force``)."""
+        if self.line.due(force):
+            elapsed = self.line.elapsed()
+            self.line.draw(format_progress(samples, self.total_samples, shards, self.total_shards, errors, elapsed))
+
+    def close(self) -> None:
+        """Ends the line on a terminal."""
+        self.line.close()
 
 
 def format_progress(samples: float, total: int, shards: int, total_shards: int, errors: int, elapsed: float) -> str:

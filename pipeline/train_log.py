@@ -9,12 +9,11 @@ from __future__ import annotations
 import csv
 import io
 import math
-import time
 from typing import Sequence, TextIO
 
 from PIL import Image, ImageDraw
 
-from pipeline.progress import LOG_EVERY_S, REDRAW_S, format_duration
+from pipeline.progress import StatusLine, format_duration
 
 LOSS_TERMS = ("total", "reconstruction", "crf", "tv")
 COLUMNS = ("step", *LOSS_TERMS)
@@ -80,30 +79,17 @@ class TrainProgress:
     """``train-jbu: step 120/2000 (6.0%) | loss 0.1234 | 2.1 step/s | ETA 14m55s`` on a stream (redrawn on a tty)."""
 
     def __init__(self, total_steps: int, first_step: int, stream: TextIO | None) -> None:
-        self.total, self.first, self.stream = total_steps, first_step, stream
-        self.start = time.monotonic()
-        self.tty = bool(getattr(stream, "isatty", lambda: False)())
-        self._last, self._width = 0.0, 0
+        self.total, self.first = total_steps, first_step
+        self.line = StatusLine(stream)
 
     def update(self, step: int, loss: float, force: bool = False) -> None:
         """Redraw if enough time has passed (or ``force``)."""
-        now = time.monotonic()
-        if self.stream is None or (not force and now - self._last < (REDRAW_S if self.tty else LOG_EVERY_S)):
-            return
-        self._last = now
-        line = format_train_progress(step, self.total, loss, step - self.first, now - self.start)
-        if self.tty:
-            self.stream.write("\r" + line.ljust(self._width))
-            self._width = len(line)
-        else:
-            self.stream.write(line + "\n")
-        self.stream.flush()
+        if self.line.due(force):
+            self.line.draw(format_train_progress(step, self.total, loss, step - self.first, self.line.elapsed()))
 
     def close(self) -> None:
         """End the line on a terminal."""
-        if self.stream is not None and self.tty and self._width:
-            self.stream.write("\n")
-            self.stream.flush()
+        self.line.close()
 
 
 def format_train_progress(step: int, total: int, loss: float, done_here: int, elapsed: float) -> str:
