@@ -28,9 +28,11 @@ from typing import Any, Callable, TextIO
 import numpy as np
 import torch
 import torch.nn.functional as F
+from fsspec.implementations.local import LocalFileSystem
 
 from featup.errors import ConfigError
 from featup.jitter import apply_jitter, sample_jitter
+from pipeline.store import put_atomic
 
 TEACHERS = {16: "featup.backbones.teacher:teacher16", 14: "featup.backbones.teacher:teacher14"}
 METHODS = ("bilinear", "jbu", "implicit")
@@ -201,19 +203,13 @@ def write_report(report: EvalReport, out: str, figure_png: bytes | None) -> dict
     paths = {"json": os.path.join(out, "results.json"), "table": os.path.join(out, "results.md")}
     payload = asdict(report) | {"ratios_to_bilinear": {m: report.ratio(m) for m in report.means},
                                 "target_failures": report.target_failures()}
-    _write_atomic(paths["json"], json.dumps(payload, indent=2, allow_nan=True).encode())
-    _write_atomic(paths["table"], markdown_table(report).encode())
+    fs = LocalFileSystem()
+    put_atomic(fs, paths["json"], json.dumps(payload, indent=2, allow_nan=True).encode())
+    put_atomic(fs, paths["table"], markdown_table(report).encode())
     if figure_png is not None:
         paths["figure"] = os.path.join(out, "figure.png")
-        _write_atomic(paths["figure"], figure_png)
+        put_atomic(fs, paths["figure"], figure_png)
     return paths
-
-
-def _write_atomic(path: str, data: bytes) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
 
 
 def log(err: TextIO | None, text: str) -> None:

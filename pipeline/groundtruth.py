@@ -24,7 +24,7 @@ from PIL import Image
 
 from featup.errors import ConfigError, InputError
 from pipeline.shards import iter_shard_samples
-from pipeline.synthetic import _join, _png, write_shard
+from pipeline.synthetic import join_path, png_bytes, write_shard
 
 # Region base colours (RGB in [0, 1]), far apart from each other.
 PALETTE = np.array([
@@ -131,7 +131,7 @@ def groundtruth_sample(key: str, rng: np.random.Generator, size: tuple[int, int]
     regions = render_regions(rng, *size, spec)
     image = paint(rng, regions, spec)
     edges = edge_map(regions).astype(np.uint8) * 255
-    return {"__key__": key, "png": _png(image), "seg.png": _png(regions), "edge.png": _png(edges)}
+    return {"__key__": key, "png": png_bytes(image), "seg.png": png_bytes(regions), "edge.png": png_bytes(edges)}
 
 
 def write_groundtruth_shards(
@@ -158,7 +158,7 @@ def write_groundtruth_shards(
         for i in range(start, min(start + per_shard, count)):
             rng = np.random.default_rng((seed, SPLITS.index(split), i))
             samples.append(groundtruth_sample(f"{split}{i:05d}", rng, spec.size(i), spec))
-        paths.append(write_shard(_join(folder, f"{split}-{s:06d}.tar"), samples, storage_options))
+        paths.append(write_shard(join_path(folder, f"{split}-{s:06d}.tar"), samples, storage_options))
     return paths
 
 

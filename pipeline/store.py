@@ -155,11 +155,11 @@ class FeatureStore:
         table = check_index_table(table, self.num_rows)
         buf = pa.BufferOutputStream()
         pq.write_table(table, buf, compression="zstd")
-        _put_atomic(self.fs, self._path(_index_name(shard_index)), buf.getvalue().to_pybytes())
+        put_atomic(self.fs, self._path(_index_name(shard_index)), buf.getvalue().to_pybytes())
         errors = sum(s == "error" for s in table["status"].to_pylist())
         marker = {"shard_index": shard_index, "num_samples": table.num_rows, "ok": table.num_rows - errors, "errors": errors,
                   "index_file": _index_name(shard_index), "committed_at": datetime.now(timezone.utc).isoformat()}
-        _put_atomic(self.fs, self._path(_commit_name(shard_index)), _json_bytes(marker))
+        put_atomic(self.fs, self._path(_commit_name(shard_index)), _json_bytes(marker))
 
     def committed_shards(self) -> set[int]:
         """Indexes of the shards whose commit marker exists."""
@@ -187,7 +187,7 @@ class FeatureStore:
         """Writes the run report as ``report.json`` (replacing the previous run's)."""
         self._require_writable()
         _check_json("run report", report)
-        _put_atomic(self.fs, self._path("report.json"), _json_bytes(report))
+        put_atomic(self.fs, self._path("report.json"), _json_bytes(report))
 
     def read_report(self) -> dict | None:
         """The last run report, or None when no run has finished writing one."""
@@ -212,7 +212,7 @@ class FeatureStore:
         if current is None and not _put_exclusive(self.fs, path, payload):
             raise _locked_error(self.url, _read_lock(self.fs, path) or {}, stale_after_s)
         if current is not None:
-            _put_atomic(self.fs, path, payload)
+            put_atomic(self.fs, path, payload)
         self._run_id, self._stale_after_s = run_id, stale_after_s
         self._check_lock_owner()  # read back: of two runs racing for the lock, the one whose write landed last wins
         return taken_over
@@ -220,7 +220,7 @@ class FeatureStore:
     def heartbeat(self) -> None:
         """Refreshes this run's lock; raises StoreLockedError if another run took it over meanwhile."""
         lock = self._check_lock_owner()
-        _put_atomic(self.fs, self._path("lock.json"), _json_bytes(_lock_payload(self._run_id, lock.get("acquired"))))
+        put_atomic(self.fs, self._path("lock.json"), _json_bytes(_lock_payload(self._run_id, lock.get("acquired"))))
 
     def release_lock(self) -> None:
         """Removes this run's lock (a lock owned by another run is left alone)."""
@@ -347,7 +347,7 @@ def _clear_location(url: str, fs: fsspec.AbstractFileSystem, root: str, overwrit
                           "got other data there (nothing was deleted)")
 
 
-def _put_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
+def put_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
     """Writes a whole object atomically: rename of a synced temp file locally, one PUT on object stores."""
     if not isinstance(fs, LocalFileSystem):
         fs.pipe_file(path, data)

@@ -98,7 +98,7 @@ def render_sample(rng: np.random.Generator, spec: SyntheticSpec) -> tuple[np.nda
 def synthetic_sample(key: str, rng: np.random.Generator, spec: SyntheticSpec) -> dict[str, bytes | str]:
     """A WebDataset sample: ``png`` (the image) and ``seg.png`` (its mask), both lossless."""
     image, mask = render_sample(rng, spec)
-    return {"__key__": key, "png": _png(image), "seg.png": _png(mask)}
+    return {"__key__": key, "png": png_bytes(image), "seg.png": png_bytes(mask)}
 
 
 def write_synthetic_shards(
@@ -125,9 +125,9 @@ def write_synthetic_shards(
             sample = synthetic_sample(f"syn{s:04d}-{i:05d}", rng, spec)
             if transform_mask is not None:
                 mask = np.asarray(Image.open(io.BytesIO(sample["seg.png"])))
-                sample["seg.png"] = _png(transform_mask(mask))
+                sample["seg.png"] = png_bytes(transform_mask(mask))
             samples.append(sample)
-        paths.append(write_shard(_join(folder, f"synthetic-{s:06d}.tar"), samples, storage_options))
+        paths.append(write_shard(join_path(folder, f"synthetic-{s:06d}.tar"), samples, storage_options))
     return paths
 
 
@@ -150,12 +150,14 @@ def write_shard(path: str, samples: Sequence[dict], storage_options: dict | None
     return path
 
 
-def _png(array: np.ndarray) -> bytes:
+def png_bytes(array: np.ndarray) -> bytes:
+    """A uint8 image or mask array encoded as PNG."""
     buf = io.BytesIO()
     Image.fromarray(array).save(buf, "PNG")
     return buf.getvalue()
 
 
-def _join(folder: str | os.PathLike, name: str) -> str:
+def join_path(folder: str | os.PathLike, name: str) -> str:
+    """``name`` inside ``folder``, a local path or an fsspec URL."""
     folder = os.fspath(folder)
     return f"{folder.rstrip('/')}/{name}" if "://" in folder else os.path.join(folder, name)

@@ -28,20 +28,20 @@ RESUME_KEYS = ("backbone", "weights_id", "stride", "dim", "image_size", "stages"
 
 def save_checkpoint(url: str, payload: dict[str, Any], storage_options: dict | None = None) -> None:
     """Write ``payload`` whole: a temp file renamed over ``url`` locally, one PUT on object stores."""
-    from pipeline.store import _put_atomic
+    from pipeline.store import put_atomic
 
     buf = io.BytesIO()
     torch.save(payload, buf)
     fs, path = fsspec.core.url_to_fs(url, **options_for(url, storage_options or {}))
-    _put_atomic(fs, path, buf.getvalue())
+    put_atomic(fs, path, buf.getvalue())
 
 
 def write_file(url: str, data: bytes, storage_options: dict | None = None) -> None:
     """Write a small side file (loss log, plot) next to the checkpoint, atomically as the checkpoint is."""
-    from pipeline.store import _put_atomic
+    from pipeline.store import put_atomic
 
     fs, path = fsspec.core.url_to_fs(url, **options_for(url, storage_options or {}))
-    _put_atomic(fs, path, data)
+    put_atomic(fs, path, data)
 
 
 def exists(url: str, storage_options: dict | None = None) -> bool:

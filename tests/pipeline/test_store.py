@@ -123,7 +123,7 @@ def test_index_file_without_marker_is_not_committed(local_url, monkeypatch):
     store = _create(local_url)
     store.commit_shard(0, _index([0, 1]))
     calls = []
-    real_put = store_module._put_atomic
+    real_put = store_module.put_atomic
 
     def crash_before_marker(fs, path, data):
         calls.append(path.rsplit("/", 2)[-2:])
@@ -131,7 +131,7 @@ def test_index_file_without_marker_is_not_committed(local_url, monkeypatch):
             raise KeyboardInterrupt("killed between the index file and the marker")
         real_put(fs, path, data)
 
-    monkeypatch.setattr(store_module, "_put_atomic", crash_before_marker)
+    monkeypatch.setattr(store_module, "put_atomic", crash_before_marker)
     with pytest.raises(KeyboardInterrupt):
         store.commit_shard(1, _index([2, 3]))
     assert calls == [["index", "shard-000001.parquet"], ["commits", "shard-000001.json"]]  # the marker comes last
@@ -142,14 +142,14 @@ def test_index_file_without_marker_is_not_committed(local_url, monkeypatch):
 
 def test_marker_never_exists_without_its_index_file(local_url, monkeypatch):
     store = _create(local_url)
-    real_put = store_module._put_atomic
+    real_put = store_module.put_atomic
 
     def fail_index_write(fs, path, data):
         if "index" in path:
             raise OSError("disk full")
         real_put(fs, path, data)
 
-    monkeypatch.setattr(store_module, "_put_atomic", fail_index_write)
+    monkeypatch.setattr(store_module, "put_atomic", fail_index_write)
     with pytest.raises(OSError, match="disk full"):
         store.commit_shard(0, _index([0, 1]))
     monkeypatch.undo()
