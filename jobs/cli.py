@@ -6,13 +6,11 @@ import argparse
 import importlib
 import sys
 from types import ModuleType
-from typing import TYPE_CHECKING, Sequence
+from typing import Sequence
 
 from featup import __version__
-from featup.errors import ConfigError, FeatUpError
-
-if TYPE_CHECKING:
-    import torch
+from featup.devices import resolve_device  # noqa: F401  (re-exported: subcommands import it from here)
+from featup.errors import FeatUpError
 
 # Subcommand name -> module exposing ``add_arguments(parser)`` and ``run(args) -> int``.
 # Modules should import optional heavy dependencies inside ``run`` so ``featup --help`` stays light.
@@ -60,23 +58,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("featup: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` -> cuda if available else cpu; ``cpu``/``cuda``/``cuda:N`` as given, checked to exist."""
-    import torch  # imported here so that ``featup --help`` does not pay for it
-
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ConfigError(f"device: expected auto, cpu or cuda[:N], got {name!r}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device: expected an available device, got {name!r} but CUDA is not available")
-    if device.type not in ("cpu", "cuda"):
-        raise ConfigError(f"device: expected auto, cpu or cuda[:N], got {name!r}")
-    return device
 
 
 def positive_int(text: str) -> int:

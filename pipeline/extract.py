@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from featup.devices import resolve_device
 from featup.errors import ConfigError
 from pipeline.config import PrecomputeConfig, options_for
 from pipeline.implicit_upsample import PerImageImplicit
@@ -44,16 +45,6 @@ class Projection:
     @classmethod
     def from_attrs(cls, attrs: dict[str, Any]) -> Projection:
         return cls(np.asarray(attrs["weight"], dtype=np.float32), np.asarray(attrs["bias"], dtype=np.float32))
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` -> the first visible CUDA device if any, else cpu; ``cpu``/``cuda[:N]`` as given, checked to exist."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device: expected an available device, got {name!r} but no CUDA device is visible")
-    return device
 
 
 def compute_dtype(dtype: str, device: torch.device) -> torch.dtype:
