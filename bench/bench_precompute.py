@@ -27,10 +27,10 @@ def write_shards(folder: Path, repeat: int, n_shards: int) -> list[str]:
 
 def model_only_throughput(config, shards: list[str], threads: int) -> tuple[float, int]:
     """Images/s of the FeatureExtractor alone on the decoded images of ``shards`` (after one warm-up batch)."""
-    from pipeline.decode import DecodedSample, decode_sample
-    from pipeline.extract import FeatureExtractor
-    from pipeline.plan import decode_spec
-    from pipeline.shards import iter_shard_samples
+    from pipeline.sources.decode import DecodedSample, decode_sample
+    from pipeline.precompute.extract import FeatureExtractor
+    from pipeline.precompute.plan import decode_spec
+    from pipeline.sources.shards import iter_shard_samples
 
     torch.set_num_threads(threads)
     extractor = FeatureExtractor(config)
@@ -55,9 +55,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--kernel-backend", default="eager", help="JBU kernels; eager keeps compile time out of both sides")
     args = parser.parse_args(argv)
 
-    from pipeline.config import PrecomputeConfig
-    from pipeline.scheduler import run_precompute
-    from pipeline.store import FeatureStore
+    from pipeline.precompute.config import PrecomputeConfig
+    from pipeline.precompute.driver import run_precompute
+    from pipeline.store.features import FeatureStore
 
     with tempfile.TemporaryDirectory() as tmp:
         shards = write_shards(Path(tmp) / "shards", args.repeat, args.shards)

@@ -14,8 +14,8 @@ import argparse
 import sys
 import tempfile
 
-from pipeline.evaluate import METHODS, EvalConfig, markdown_table
-from pipeline.evaluate_run import run_evaluation
+from pipeline.evaluate.scoring import METHODS, EvalConfig, markdown_table
+from pipeline.evaluate.run import run_evaluation
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -28,10 +28,10 @@ from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.index import build_index_table  # noqa: E402
-from pipeline.probe import ProbeConfig, train_probe  # noqa: E402
-from pipeline.reader import open_features  # noqa: E402
-from pipeline.store import ArraySpec, FeatureStore  # noqa: E402
+from pipeline.store.index import build_index_table  # noqa: E402
+from pipeline.analysis.probe import ProbeConfig, train_probe  # noqa: E402
+from pipeline.store.reader import open_features  # noqa: E402
+from pipeline.store.features import ArraySpec, FeatureStore  # noqa: E402
 
 CREDENTIALS = {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1"}
 

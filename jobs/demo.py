@@ -26,13 +26,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--actors", type=positive_int, default=2, help="Ray actors (default 2)")
     parser.add_argument("--kernel-backend", default="auto", help="JBU kernels: auto (torch.compile), compiled or eager")
     parser.add_argument("--panels", type=positive_int, default=4, help="samples drawn in the PNG (default 4)")
+    parser.add_argument("--json", action="store_true", help="print the whole run report instead of the summary")
 
 
 def run(args: argparse.Namespace) -> int:
     """Writes the shards, runs the precompute job on them, then draws a few samples' features."""
     from jobs.sample_images import sample_image_paths
-    from pipeline.config import PrecomputeConfig
-    from pipeline.scheduler import run_precompute
+    from pipeline.precompute.config import PrecomputeConfig
+    from pipeline.precompute.driver import run_precompute
 
     photos = sample_image_paths()
     shards = write_demo_shards(photos, args.out / "shards", args.shards)
@@ -43,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
         image_size=args.image_size, save_image=True, save_lowres=True, actors=args.actors, device="cpu",
         batch_size=4, overwrite=True, kernel_backend=args.kernel_backend,
     )
-    code = run_precompute(config, command_line=list(sys.argv))
+    code = run_precompute(config, command_line=list(sys.argv), json_output=args.json)
     if code != EXIT_OK:
         return code
     png = args.out / "demo.png"
@@ -105,8 +106,8 @@ def draw_samples(store_url: str, png: Path, count: int, banner: Sequence[str] = 
     import torch
     from PIL import Image
 
-    from pipeline.store import FeatureStore
-    from pipeline.visualize import pca_rgb, render_panel, save_panel
+    from pipeline.store.features import FeatureStore
+    from pipeline.analysis.pictures import pca_rgb, render_panel, save_panel
 
     store = FeatureStore.open(store_url, mode="r")
     index = store.read_index()

@@ -39,8 +39,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Runs the benchmark, prints the table and where the files are; with --check, fails on missed targets."""
-    from pipeline.evaluate import EvalConfig, markdown_table
-    from pipeline.evaluate_run import run_evaluation
+    from pipeline.evaluate.scoring import EvalConfig, markdown_table
+    from pipeline.evaluate.run import run_evaluation
 
     config = EvalConfig(
         out=args.out, teacher_stride=args.teacher_stride, train_images=args.train_images, test_images=args.test_images,

@@ -17,8 +17,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Prints the summary of the store."""
-    from pipeline.config import parse_storage_options
-    from pipeline.summary import format_summary, store_summary
+    from pipeline.runtime.storage import parse_storage_options
+    from pipeline.store.summary import format_summary, store_summary
 
     summary = store_summary(args.url, parse_storage_options(args.storage_option) or None)
     print(json.dumps(summary, indent=2) if args.json else format_summary(summary))

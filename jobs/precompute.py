@@ -54,6 +54,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     run_opts = parser.add_argument_group("run")
     run_opts.add_argument("--overwrite", action="store_true", help="start over, deleting an existing store at --output")
     run_opts.add_argument("--dry-run", action="store_true", help="print the plan (shards, samples, arrays, bytes) and exit")
+    run_opts.add_argument("--json", action="store_true", help="print the whole run report (as in report.json) instead of the summary")
 
 
 def actor_count(text: str) -> int | str:
@@ -68,7 +69,8 @@ def actor_count(text: str) -> int | str:
 
 def build_config(args: argparse.Namespace):
     """The validated PrecomputeConfig of parsed arguments."""
-    from pipeline.config import PrecomputeConfig, parse_max_errors, parse_storage_options
+    from pipeline.precompute.config import PrecomputeConfig, parse_max_errors
+    from pipeline.runtime.storage import parse_storage_options
 
     return PrecomputeConfig(
         inputs=tuple(args.inputs),
@@ -107,6 +109,6 @@ def build_config(args: argparse.Namespace):
 
 def run(args: argparse.Namespace) -> int:
     """Builds the config and runs the job; the exit code is non-zero when it stops early (--max-errors, failures)."""
-    from pipeline.scheduler import run_precompute
+    from pipeline.precompute.driver import run_precompute
 
-    return run_precompute(build_config(args), command_line=list(sys.argv))
+    return run_precompute(build_config(args), command_line=list(sys.argv), json_output=args.json)

@@ -39,9 +39,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Trains one head per store, writes each head and its metrics, and prints one table."""
     from jobs.cli import resolve_device
-    from pipeline.config import parse_storage_options
-    from pipeline.probe import ProbeConfig, save_head, train_probe
-    from pipeline.reader import open_features
+    from pipeline.runtime.storage import parse_storage_options
+    from pipeline.analysis.probe import ProbeConfig, save_head, train_probe
+    from pipeline.store.reader import open_features
 
     config = ProbeConfig(target=args.target, classes=args.classes, regression=args.regression, val_fraction=args.val_fraction,
                          epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, workers=args.workers,

@@ -13,7 +13,7 @@ if TYPE_CHECKING:
     import torch
     from PIL import Image
 
-    from pipeline.reader import FeatureReader
+    from pipeline.store.reader import FeatureReader
 
 RANDOM_WEIGHTS_NOTICE = "RANDOM WEIGHTS - these features are not meaningful"
 PLACEHOLDER = (128, 128, 128)
@@ -32,9 +32,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Reads the rows, fits one PCA on all their features and writes the panels stacked into one PNG."""
-    from pipeline.config import parse_storage_options
-    from pipeline.reader import open_features
-    from pipeline.visualize import save_panel
+    from pipeline.runtime.storage import parse_storage_options
+    from pipeline.store.reader import open_features
+    from pipeline.analysis.pictures import save_panel
 
     reader = open_features(args.url, **parse_storage_options(args.storage_option))
     positions = parse_rows(args.rows, len(reader))
@@ -65,7 +65,7 @@ def render_rows(reader: FeatureReader, positions: Sequence[int]) -> Image.Image:
     import torch
 
     from featup.pca import fit_pca, flatten_pixels
-    from pipeline.visualize import joint_minmax
+    from pipeline.analysis.pictures import joint_minmax
 
     samples = [reader[p] for p in positions]
     hr = [s["features"][None] for s in samples]  # (1, C, H, W) each
@@ -91,7 +91,7 @@ def _panel(sample: dict, hr_rgb: torch.Tensor, lr_rgb: torch.Tensor | None, bann
     """The visualize panel of one sample, with grey placeholders for what the store does not hold."""
     from PIL import Image
 
-    from pipeline.visualize import render_panel
+    from pipeline.analysis.pictures import render_panel
 
     height, width = hr_rgb.shape[1:]
     if "image" in sample:

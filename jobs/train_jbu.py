@@ -57,8 +57,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def build_config(args: argparse.Namespace):
     """The validated TrainConfig of parsed arguments."""
-    from pipeline.config import parse_storage_options
-    from pipeline.train import TrainConfig
+    from pipeline.runtime.storage import parse_storage_options
+    from pipeline.train.loop import TrainConfig
 
     return TrainConfig(
         inputs=tuple(args.inputs), backbone=args.backbone, output=args.output, weights=args.weights,
@@ -76,7 +76,7 @@ def build_config(args: argparse.Namespace):
 
 def run(args: argparse.Namespace) -> int:
     """Trains, then prints where the checkpoint and the loss log are and the last logged losses."""
-    from pipeline.train import train_jbu
+    from pipeline.train.loop import train_jbu
 
     config = build_config(args)
     result = train_jbu(config, err=sys.stderr)

@@ -114,8 +114,8 @@ def output_paths(images: Sequence[str], out_dir: Path) -> list[tuple[str, Path]]
 
 def upsample_panel(path: str, models: Models, image_size: int, notices: Sequence[str]) -> Image.Image:
     """Preprocesses one image, computes low-res and upsampled features and renders their panel."""
-    from pipeline.images import load_and_preprocess
-    from pipeline.visualize import pca_rgb, render_panel
+    from pipeline.sources.images import load_and_preprocess
+    from pipeline.analysis.pictures import pca_rgb, render_panel
 
     backbone, upsampler, device = models
     display, x = load_and_preprocess(path, image_size, backbone.stride, backbone.mean, backbone.std)
@@ -127,7 +127,7 @@ def upsample_panel(path: str, models: Models, image_size: int, notices: Sequence
 
 def _render_one(src: str, dst: Path, models: Models, image_size: int, notices: Sequence[str]) -> bool:
     """Renders and saves one panel; reports an InputError for this image and returns False instead of raising."""
-    from pipeline.visualize import save_panel
+    from pipeline.analysis.pictures import save_panel
 
     try:
         save_panel(upsample_panel(src, models, image_size, notices), dst)

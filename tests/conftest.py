@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import s3
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "featup-official"
@@ -28,3 +30,10 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """moto's threaded S3 server on a free port of 127.0.0.1 with one bucket (``tests.helpers.s3.S3Server``)."""
+    with s3.s3_server() as server:
+        yield server

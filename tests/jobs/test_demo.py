@@ -8,8 +8,8 @@ from PIL import Image
 from jobs.cli import main
 from jobs.demo import VARIANTS, write_demo_shards
 from jobs.sample_images import sample_image_paths
-from pipeline.shards import scan_shard
-from pipeline.store import FeatureStore
+from pipeline.sources.shards import scan_shard
+from pipeline.store.features import FeatureStore
 
 
 def test_demo_shards_hold_every_variant_of_every_photo(tmp_path):
@@ -23,7 +23,7 @@ def test_demo_runs_offline_and_draws_the_features(tmp_path, monkeypatch, capsys)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
     out = tmp_path / "demo"
-    args = ["demo", "--out", str(out), "--image-size", "32", "--shards", "2", "--actors", "1", "--panels", "2", "--kernel-backend", "eager"]
+    args = ["demo", "--out", str(out), "--image-size", "32", "--shards", "2", "--actors", "1", "--panels", "2", "--kernel-backend", "eager", "--json"]
     assert main(args) == 0
     report = json.loads(capsys.readouterr().out)
     total = len(sample_image_paths()) * len(VARIANTS)

@@ -10,15 +10,14 @@ import pytest
 import torch
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "pipeline"))
-import store_helpers as sh  # noqa: E402
+from tests.helpers import store as sh
 
 from jobs.cli import main  # noqa: E402
 from jobs.show import PLACEHOLDER, RANDOM_WEIGHTS_NOTICE  # noqa: E402
-from pipeline.index import build_index_table  # noqa: E402
-from pipeline.probe import load_head  # noqa: E402
-from pipeline.store import ZSTD_LEVEL, FeatureStore  # noqa: E402
-from pipeline.visualize import BANNER_BACKGROUND, plan_panel  # noqa: E402
+from pipeline.store.index import build_index_table  # noqa: E402
+from pipeline.analysis.probe import load_head  # noqa: E402
+from pipeline.store.features import ZSTD_LEVEL, FeatureStore  # noqa: E402
+from pipeline.analysis.pictures import BANNER_BACKGROUND, plan_panel  # noqa: E402
 
 
 @pytest.fixture

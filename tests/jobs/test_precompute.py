@@ -10,12 +10,11 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "pipeline"))
-import corpus  # noqa: E402
-import precompute_helpers as helpers  # noqa: E402
+from tests.helpers import corpus
+from tests.helpers import precompute as helpers
 
 from jobs.cli import main  # noqa: E402
-from pipeline.store import FeatureStore  # noqa: E402
+from pipeline.store.features import FeatureStore  # noqa: E402
 
 TINY = ["--backbone", helpers.TINY_BACKBONE, "--weights", "random", "--image-size", "32", "--kernel-backend", "eager"]
 
@@ -61,14 +60,17 @@ def test_an_incompatible_store_is_refused_naming_the_differences_and_overwrite_s
     assert _cli(env["pattern"], "--output", out, *TINY, "--dtype", "float32", "--max-errors", "1%") == 0
     first = FeatureStore.open(str(out), mode="r").attrs
     assert first["backbone_weights"] == "random" and first["featup_version"] and first["created_at"] and first["pca"] is None
-    capsys.readouterr()
+    summary = capsys.readouterr().out  # the end of the run on screen: a summary, the whole report stays in report.json
+    assert summary.startswith("featup precompute: complete in ") and "20 ok, 0 failed of 20" in summary
+    assert "images/s" in summary and f"store     {out}" in summary and f"report    {out}/report.json" in summary
+    assert "{" not in summary
 
     assert _cli(env["pattern"], "--output", out, *TINY, "--dtype", "float16", "--upsampler", "bilinear") == 2
     err = capsys.readouterr().err
     assert 'dtype: store has "float32", this run has "float16"' in err
     assert 'upsampler: store has "jbu", this run has "bilinear"' in err and "--overwrite" in err
 
-    assert _cli(env["pattern"], "--output", out, *TINY, "--upsampler", "bilinear", "--overwrite") == 0
+    assert _cli(env["pattern"], "--output", out, *TINY, "--upsampler", "bilinear", "--overwrite", "--json") == 0
     report = json.loads(capsys.readouterr().out)
     assert report["status"] == "complete" and report["samples"]["ok"] == 20
     assert FeatureStore.open(str(out), mode="r").attrs["upsampler"] == "bilinear"

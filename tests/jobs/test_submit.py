@@ -21,13 +21,12 @@ from types import SimpleNamespace
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "pipeline"))
-import corpus  # noqa: E402
-import precompute_helpers as helpers  # noqa: E402
+from tests.helpers import corpus
+from tests.helpers import precompute as helpers
 
 from featup.errors import ConfigError  # noqa: E402
 from jobs import precompute, submit  # noqa: E402
-from pipeline.store import FeatureStore  # noqa: E402
+from pipeline.store.features import FeatureStore  # noqa: E402
 
 BIN = Path(sys.executable).parent
 N_SHARDS, PER_SHARD = 12, 8  # with the slow flag, one actor alone needs ~15 s: time for the other node's actor to start

@@ -11,9 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "pipeline"))
-import corpus  # noqa: E402
-import precompute_helpers as helpers  # noqa: E402
+from tests.helpers import corpus
+from tests.helpers import precompute as helpers
 
 from featup.checkpoint import load_featup_checkpoint, read_checkpoint  # noqa: E402
 from jobs.cli import main  # noqa: E402
@@ -122,7 +121,7 @@ def test_the_trained_checkpoint_runs_in_precompute(ray_env, tmp_path, capsys):
                  "--weights", "random", "--image-size", "32", "--kernel-backend", "eager", "--checkpoint", str(ckpt),
                  "--dtype", "float32", "--device", "cpu", "--batch-size", "2"])
     assert code == 0, capsys.readouterr().err
-    from pipeline.store import FeatureStore
+    from pipeline.store.features import FeatureStore
 
     opened = FeatureStore.open(str(store), None, mode="r")
     features = opened.array("features")[...]

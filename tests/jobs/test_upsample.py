@@ -13,7 +13,7 @@ from PIL import Image
 from featup.upsamplers import build_upsampler
 from jobs.cli import main
 from jobs.upsample import RANDOM_WEIGHTS_NOTICE, UNTRAINED_JBU_NOTICE, model_notices, output_paths
-from pipeline.visualize import BANNER_BACKGROUND, plan_panel
+from pipeline.analysis.pictures import BANNER_BACKGROUND, plan_panel
 
 BACKBONE = "timm:vit_tiny_patch16_224"  # stride 16, dim 192
 DIM, SIZE, STRIDE = 192, 64, 16

@@ -1,0 +1,322 @@
+"""The plan of a precompute job, made on the driver before any actor starts: shards, row layout, arrays, attributes, PCA."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from datetime import datetime, timezone
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
+
+import fsspec
+import numpy as np
+import torch
+
+from featup import __version__
+from featup.errors import ConfigError, InputError
+from pipeline.precompute.config import FINGERPRINT_FIELDS, PrecomputeConfig
+from pipeline.precompute.extract import FeatureExtractor, Projection
+from pipeline.runtime.progress import format_duration, human_bytes
+from pipeline.runtime.storage import Location
+
+if TYPE_CHECKING:
+    from featup.upsamplers.implicit_fit import FitTiming
+
+# Attributes a resumed run must match besides the config fingerprint: the inputs' layout and the exact model.
+LAYOUT_KEYS = ("num_shards", "num_rows", "shards_sha256", "backbone_weights", "checkpoint_sha256")
+COMPAT_KEYS = (*FINGERPRINT_FIELDS, *LAYOUT_KEYS)
+BROKEN_KEY = ""  # key of the placeholder row that records an unreadable or truncated shard in the index
+QUICK_FIT_STEPS = 2  # implicit fits in the plan's measurements (bytes on disk) are this short
+MAX_SCANNED_FACTOR = 10  # sampling for labels/PCA reads at most this many raw samples per image it needs (+100)
+
+
+@dataclass
+class Plan:
+    """Everything fixed before the run: shards in order, the first row of each, the arrays and the store attributes."""
+
+    config: PrecomputeConfig
+    shards: list  # list[pipeline.shards.ShardInfo], in input order
+    offsets: list[int]  # first row of each shard: prefix sums of the sample counts
+    arrays: list  # list[pipeline.store.ArraySpec]
+    attrs: dict[str, Any]
+    extractor: FeatureExtractor  # the driver's own copy, on the CPU: shapes, PCA fitting, the dry-run estimate
+    spec: Any  # pipeline.decode.DecodeSpec
+
+    @property
+    def num_rows(self) -> int:
+        return self.offsets[-1] + self.shards[-1].num_samples if self.shards else 0
+
+
+def make_plan(config: PrecomputeConfig, command_line: Sequence[str] = ()) -> Plan:
+    """Expands and scans the inputs (missing shards fail here), loads the model on the CPU and lays out the store."""
+    from pipeline.sources.shards import expand_inputs
+
+    shards = scan_inputs(expand_inputs(config.inputs), config.storage_options)
+    offsets = np.concatenate([[0], np.cumsum([s.num_samples for s in shards])[:-1]]).astype(int).tolist() if shards else []
+    extractor = FeatureExtractor(replace(config, kernel_backend="eager"), device="cpu")  # runs once at most: no compile
+    if config.channels is not None and config.channels > extractor.backbone.dim:
+        raise ConfigError(f"--channels: expected at most the backbone's {extractor.backbone.dim} channels, got {config.channels}")
+    spec = decode_spec(config, extractor)
+    plan = Plan(config, shards, offsets, [], {}, extractor, spec)
+    plan.arrays = array_specs(plan, label_shapes(plan))
+    plan.attrs = store_attrs(plan, command_line)
+    return plan
+
+
+def scan_inputs(urls: Sequence[str], storage_options: dict[str, Any], max_workers: int = 8) -> list:
+    """Counts every shard's samples in threads; refuses missing shards (all listed), keeps unreadable ones as errors.
+
+    A shard that exists but cannot be read, or whose tar breaks, gets one extra placeholder row (key "") so that
+    the index records it with its reason; its samples before the break keep their rows.
+    """
+    with ThreadPoolExecutor(max(1, min(max_workers, len(urls))), thread_name_prefix="scan") as pool:
+        locations = [Location.resolve(url, storage_options) for url in urls]
+        results = list(pool.map(lambda il: _scan_one(il[1].url, il[0], il[1].options), enumerate(locations)))
+    missing = [r for r in results if isinstance(r, str)]
+    if missing:
+        listing = "\n".join(f"  {m}" for m in missing)
+        raise InputError(f"inputs: expected {len(urls)} existing shards, got {len(missing)} missing:\n{listing}")
+    return results
+
+
+def _scan_one(url: str, index: int, options: dict[str, Any]):
+    """The ShardInfo of one shard (with a placeholder row if it is broken), or a message if it does not exist."""
+    from pipeline.sources.shards import ShardInfo, scan_shard
+
+    try:
+        info = scan_shard(url, index, options)
+    except InputError as e:
+        if not _exists(url, options):
+            return f"shard {url}: no such file or object"
+        return ShardInfo(url, index, 1, (BROKEN_KEY,), error=str(e), options=options)
+    if info.error is not None:
+        return replace(info, num_samples=info.num_samples + 1, keys=(*info.keys, BROKEN_KEY))
+    return info
+
+
+def _exists(url: str, options: dict[str, Any]) -> bool:
+    try:
+        fs, path = fsspec.core.url_to_fs(url, **options)
+        return fs.exists(path)
+    except Exception:  # no access at all: treat as missing, the job must not start
+        return False
+
+
+def decode_spec(config: PrecomputeConfig, extractor: FeatureExtractor):
+    """How samples are decoded for this config and backbone (the workers build the same one)."""
+    from pipeline.sources.decode import DecodeSpec
+
+    backbone = extractor.backbone
+    return DecodeSpec(
+        image_size=config.image_size,
+        stride=backbone.stride,
+        mean=tuple(backbone.mean),
+        std=tuple(backbone.std),
+        image_key=config.image_key,
+        labels=tuple(config.labels),
+        max_pixels=config.max_pixels,
+        keep_image=config.save_image,
+    )
+
+
+def label_shapes(plan: Plan) -> dict[str, tuple[tuple[int, ...], str]]:
+    """Per-row shape and dtype of each ``--labels`` array, taken from the first sample that decodes with all labels."""
+    if not plan.config.labels:
+        return {}
+    found = sample_decoded(plan, 1)
+    if not found:
+        raise ConfigError(
+            f"--labels {','.join(plan.config.labels)}: expected a sample with a decodable image and every label, "
+            "got none in the samples read"
+        )
+    return {name: (tuple(value.shape), value.dtype.name) for name, value in found[0].labels.items()}
+
+
+def array_specs(plan: Plan, labels: dict[str, tuple[tuple[int, ...], str]]) -> list:
+    """The stored arrays; dimension names are shared only between axes of equal size (so xarray opens the store)."""
+    from pipeline.store.features import ArraySpec
+
+    shapes = plan.extractor.array_shapes()
+    dims = {"features": ("channel", "y", "x"), "lowres": ("channel", "lowres_y", "lowres_x")}
+    specs = [ArraySpec(name, shape, dtype, dims[name]) for name, (shape, dtype) in shapes.items()]
+    s = plan.config.image_size
+    if plan.config.save_image:
+        specs.append(ArraySpec("image", (s, s, 3), "uint8", ("image_y", "image_x", "rgb")))
+    for name, (shape, dtype) in labels.items():
+        extra = tuple(f"{name.replace('.', '_')}_{i}" for i in range(2, len(shape)))
+        specs.append(ArraySpec(name, shape, dtype, ("image_y", "image_x", *extra)))
+    return specs
+
+
+def store_attrs(plan: Plan, command_line: Sequence[str]) -> dict[str, Any]:
+    """The store's provenance attributes: the config fingerprint, the inputs' layout and the model that made it."""
+    layout = [[s.url, s.num_samples] for s in plan.shards]
+    provenance = plan.extractor.provenance()
+    return {
+        **plan.config.store_fingerprint(),
+        "num_shards": len(plan.shards),
+        "num_rows": plan.num_rows,
+        "shards_sha256": hashlib.sha256(json.dumps(layout).encode()).hexdigest(),
+        **provenance,
+        "output_size": list(plan.extractor.output_size),
+        "lowres_size": list(plan.extractor.lowres_size),
+        "feature_channels": plan.config.channels or provenance["backbone_dim"],
+        "storage_dtype": plan.config.storage_dtype,
+        "featup_version": __version__,
+        "command_line": list(command_line),
+        "created_at": datetime.now(timezone.utc).isoformat(),
+        "pca": None,
+    }
+
+
+def sample_decoded(plan: Plan, count: int) -> list:
+    """Up to ``count`` good decoded samples spread evenly over the shards (the first ones of evenly spaced shards)."""
+    from pipeline.sources.decode import decode_sample
+    from pipeline.sources.shards import iter_shard_samples
+
+    shards = [s for s in plan.shards if s.num_samples]
+    picks = sorted({round(i * (len(shards) - 1) / max(count - 1, 1)) for i in range(min(count, len(shards)))})
+    order = [shards[i] for i in picks] + [s for i, s in enumerate(shards) if i not in picks]
+    quota, budget, found = math.ceil(count / max(len(picks), 1)), MAX_SCANNED_FACTOR * count + 100, []
+    for shard in order:
+        taken = 0
+        for raw in iter_shard_samples(shard.url, shard.options):
+            budget -= 1
+            if raw.get("__key__") is None or budget < 0:
+                break
+            sample = decode_sample(raw, plan.spec)
+            if hasattr(sample, "image"):
+                found.append(sample)
+                taken += 1
+            if taken == quota or len(found) == count:
+                break
+        if len(found) == count or budget < 0:
+            break
+    return found
+
+
+def fit_projection(plan: Plan) -> Projection:
+    """The ``--channels`` PCA, fitted on the low-res features of ``pca_images`` samples with a seeded generator."""
+    from featup.pca import fit_pca
+
+    samples = sample_decoded(plan, plan.config.pca_images)
+    if not samples:
+        raise ConfigError("--channels: expected decodable images to fit the PCA on, got none in the samples read")
+    feats = [plan.extractor.lowres(torch.stack([s.image for s in samples[i : i + 8]])) for i in range(0, len(samples), 8)]
+    generator = torch.Generator().manual_seed(plan.config.seed)
+    pca = fit_pca(torch.cat(feats), plan.config.channels, max_samples=100_000, generator=generator)
+    return Projection.from_pca(pca)
+
+
+def estimate_bytes(plan: Plan) -> dict[str, tuple[int, float | None]]:
+    """Per array: (uncompressed bytes, zstd ratio measured on one real sample, or None without a decodable sample)."""
+    from numcodecs import Zstd
+
+    found = sample_decoded(plan, 1)
+    measured: dict[str, np.ndarray] = {}
+    if found:
+        with _quick_implicit(plan.extractor):  # an implicit fit's compression, measured on a short fit
+            measured = plan.extractor(found[0].image.unsqueeze(0))
+        if plan.config.save_image:
+            measured["image"] = found[0].image_uint8[None]
+        measured.update({name: value[None] for name, value in found[0].labels.items()})
+    codec = Zstd(level=3)
+    out = {}
+    for spec in plan.arrays:
+        raw = plan.num_rows * math.prod(spec.shape_per_row) * np.dtype(spec.dtype).itemsize
+        ratio = None
+        if spec.name in measured:
+            row = np.ascontiguousarray(measured[spec.name][0].astype(spec.dtype))
+            ratio = len(codec.encode(row)) / max(row.nbytes, 1)
+        out[spec.name] = (raw, ratio)
+    return out
+
+
+def format_plan(plan: Plan, estimate: dict[str, tuple[int, float | None]], committed: set[int] | None = None) -> str:
+    """The dry-run report: shards, samples, arrays with shapes and dtypes, and the estimated bytes on disk."""
+    c, e = plan.config, plan.extractor
+    todo = [s for s in plan.shards if not committed or s.index not in committed]
+    state = "(new store)" if committed is None else f"(existing store: {len(committed)} shards committed, {len(todo)} to compute)"
+    lines = [
+        "featup precompute plan (dry run: nothing is computed or written)",
+        f"  inputs: {len(plan.shards)} shards, {plan.num_rows} samples",
+        f"  output: {c.output} {state}",
+        f"  model: backbone {c.backbone} ({e.backbone.weights_id}, stride {e.stride}, dim {e.backbone.dim}), "
+        f"upsampler {c.upsampler}{' from ' + c.checkpoint if c.checkpoint else ''}, image {c.image_size}x{c.image_size}, "
+        f"dtype {c.dtype}" + (f", PCA to {c.channels} channels" if c.channels else ""),
+        f"  resources: {c.actors} actor(s), device {c.device}, batch size {c.batch_size}, "
+        f"Ray {'at ' + c.address if c.address else 'started locally'}",
+        "  arrays:",
+    ]
+    total = 0.0
+    for spec in plan.arrays:
+        raw, ratio = estimate[spec.name]
+        disk = raw * (ratio if ratio is not None else 1.0)
+        total += disk
+        how = f"zstd ratio {ratio:.2f} on a sample" if ratio is not None else "uncompressed"
+        lines.append(f"    {spec.name:<10} {str((plan.num_rows, *spec.shape_per_row)):<28} {spec.dtype:<8} ~{human_bytes(disk)} ({how})")
+    lines.append(f"  estimated bytes on disk: ~{human_bytes(total)} ({int(total)} bytes)")
+    if c.upsampler == "implicit":
+        lines.extend(implicit_time_lines(plan, sum(s.num_samples for s in todo)))
+    return "\n".join(lines)
+
+
+@contextmanager
+def _quick_implicit(extractor: FeatureExtractor, steps: int = QUICK_FIT_STEPS) -> Iterator[None]:
+    """Inside the block an implicit extractor fits with ``steps`` steps and one chunk of views (a no-op otherwise)."""
+    upsampler = extractor.upsampler
+    if extractor.config.upsampler != "implicit":
+        yield
+        return
+    cfg = upsampler.config
+    views = min(cfg.n_views, cfg.featurize_batch)
+    extractor.upsampler = upsampler.with_config(replace(cfg, steps=steps, n_views=views))
+    try:
+        yield
+    finally:
+        extractor.upsampler = upsampler
+
+
+def measure_fit(plan: Plan) -> FitTiming | None:
+    """A FitTiming of one image's implicit fit on the driver's device (one chunk of views, a few steps), or None."""
+    from featup.upsamplers.implicit_fit import time_fit
+
+    found = sample_decoded(plan, 1)
+    if not found:
+        return None
+    upsampler = plan.extractor.upsampler
+    image = found[0].image.unsqueeze(0).to(plan.extractor.device)  # (1, 3, S, S)
+    generator = torch.Generator().manual_seed(plan.config.seed)
+    return time_fit(upsampler.featurize, image, upsampler.config, generator=generator)
+
+
+def implicit_time_lines(plan: Plan, images: int) -> list[str]:
+    """The dry run's time estimate of an implicit job: measured per view and per step here, per image, in total."""
+
+    cfg = plan.config.implicit
+    timing = measure_fit(plan)
+    dim = plan.extractor.backbone.dim
+    pca = f"PCA to {cfg.pca_dim} channels" if cfg.pca_dim is not None and cfg.pca_dim < dim else f"all {dim} channels"
+    head = (f"  implicit upsampler: SLOW, one network fitted per image ({cfg.steps} steps, {cfg.n_views} jittered views, "
+            f"{pca}); the paper's setting takes about a minute per image on an A100")
+    if timing is None:
+        return [head, "  time: not measured (no decodable sample)"]
+    actors = plan.config.actors if isinstance(plan.config.actors, int) else 1
+    total = timing.per_image_s * images / actors
+    return [
+        head,
+        f"  time measured on this machine ({timing.device}): {timing.view_s * 1e3:.1f} ms per view, "
+        f"{timing.step_s * 1e3:.1f} ms per step -> ~{format_duration(timing.per_image_s)} per image",
+        f"  estimated time for {images} images on {actors} such actor(s): ~{format_duration(total)}"
+        + (" (GPU actors are much faster)" if timing.device == "cpu" else ""),
+    ]
+
+
+def implicit_notice(plan: Plan) -> str:
+    """One line before an implicit run starts: what it does and that it is slow."""
+    cfg = plan.config.implicit
+    return (f"featup: --upsampler implicit fits one network per image ({cfg.steps} steps, {cfg.n_views} views): slow by nature, "
+            "about a minute per image on an A100 in the paper's setting; --dry-run measures it on this machine")

@@ -1,0 +1,276 @@
+"""Precompute actors on a Ray cluster: node discovery, how many actors fit, decode threads per node, the actor pool.
+
+Actors are started with plain Ray resource requests (num_gpus / num_cpus), so Ray places them by GPU and a pending
+actor is demand the autoscaler sees. The pool hands work only to actors that answered ``ready()``: an actor whose node
+died, or that waits for a node that is not there yet, may stay pending forever, and a shard given to it would never
+come back. With ``--actors auto`` the pool counts the actors that fit on the live nodes every few seconds, so it grows
+as nodes join; pending actors beyond what the remaining work needs are dropped. Work is pulled (an idle actor takes
+the next shard), so faster nodes take more shards.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field, replace
+from typing import Any, TextIO
+
+from pipeline.precompute.config import PrecomputeConfig
+from pipeline.precompute.extract import Projection
+from pipeline.precompute.worker import ShardWorker
+
+NODE_POLL_S = 5.0  # how often --actors auto looks at the live nodes (nodes joining, nodes lost)
+CPU_DECODE_THREADS = 2  # decode threads of an actor without a GPU (the model shares the same CPUs)
+MAX_DECODE_THREADS = 16
+MAX_START_FAILURES = 3  # actors whose constructor raised, before the job gives up (a bad model setting, say)
+WAITING_NOTICE_S = 30.0  # how often the driver says it is waiting for actors to be placed
+
+
+@dataclass(frozen=True)
+class NodeResources:
+    """One Ray node: its id, IP, CPUs, GPUs and custom resources (Ray's internal ``node:*`` entries left out)."""
+
+    node_id: str
+    ip: str
+    cpus: float
+    gpus: float
+    custom: dict[str, float] = field(default_factory=dict)
+
+    @classmethod
+    def from_ray(cls, info: dict[str, Any]) -> NodeResources:
+        """From one entry of ``ray.nodes()``."""
+        resources = info.get("Resources", {})
+        custom = {
+            k: v for k, v in resources.items()
+            if k not in ("CPU", "GPU", "memory", "object_store_memory") and not k.startswith("node:")
+        }
+        return cls(info["NodeID"], info.get("NodeManagerAddress", ""), resources.get("CPU", 0.0), resources.get("GPU", 0.0), custom)
+
+
+def alive_nodes() -> list[NodeResources]:
+    """The live nodes of the Ray cluster this process is connected to."""
+    import ray
+
+    return [NodeResources.from_ray(n) for n in ray.nodes() if n.get("Alive")]
+
+
+def actors_that_fit(nodes: list[NodeResources], num_cpus: float, num_gpus: float) -> int:
+    """How many actors of ``num_cpus`` / ``num_gpus`` the nodes hold in total (whole actors per node)."""
+    return sum(_fit(node, num_cpus, num_gpus) for node in nodes)
+
+
+def _fit(node: NodeResources, num_cpus: float, num_gpus: float) -> int:
+    counts = []
+    if num_gpus > 0:
+        counts.append(math.floor(node.gpus / num_gpus + 1e-9))
+    if num_cpus > 0:
+        counts.append(math.floor(node.cpus / num_cpus + 1e-9))
+    return min(counts) if counts else 0
+
+
+def decode_threads_for(node: NodeResources, gpus_per_actor: float) -> int:
+    """Decode threads of an actor on ``node``: its share of the node's CPUs less one that feeds the GPU (1..16).
+
+    An actor without a GPU runs the model on its CPUs, so it keeps CPU_DECODE_THREADS threads.
+    """
+    if gpus_per_actor <= 0 or node.gpus <= 0:
+        return CPU_DECODE_THREADS
+    share = node.cpus * min(gpus_per_actor, node.gpus) / node.gpus  # the CPUs that come with this actor's GPUs
+    return int(min(MAX_DECODE_THREADS, max(1, math.floor(share + 1e-9) - 1)))
+
+
+def this_node() -> NodeResources:
+    """The node this process runs on: from Ray inside a Ray worker, else this machine's CPUs and GPUs."""
+    import ray
+
+    if ray.is_initialized():
+        node_id = ray.get_runtime_context().get_node_id()
+        for info in ray.nodes():
+            if info["NodeID"] == node_id:
+                return NodeResources.from_ray(info)
+    import torch
+
+    return NodeResources("local", "127.0.0.1", float(os.cpu_count() or 1), float(torch.cuda.device_count()))
+
+
+def _assigned_gpus() -> float:
+    """The GPUs Ray gave this actor (0 outside Ray)."""
+    import ray
+
+    if not ray.is_initialized():
+        return 0.0
+    return float(ray.get_runtime_context().get_assigned_resources().get("GPU", 0.0))
+
+
+class NodeWorker(ShardWorker):
+    """A ShardWorker that sizes its decode threads from the node it was placed on and says where it runs."""
+
+    def __init__(
+        self, config: PrecomputeConfig, *, projection: Projection | None = None, torch_threads: int | None = None,
+        run_id: str | None = None,
+    ) -> None:
+        node = this_node()
+        if config.decode_threads is None:
+            config = replace(config, decode_threads=decode_threads_for(node, _assigned_gpus()))
+        super().__init__(config, projection=projection, torch_threads=torch_threads, run_id=run_id)
+        self.node = node
+
+    def ready(self) -> dict[str, Any]:
+        """Answered once the actor is placed and its model loaded: its name, node and decode threads."""
+        return {
+            "worker": self.name, "node_id": self.node.node_id, "node_ip": self.node.ip,
+            "node_resources": {"CPU": self.node.cpus, "GPU": self.node.gpus, **self.node.custom},
+            "decode_threads": self.config.decode_threads,
+        }
+
+
+@dataclass
+class Slot:
+    """One actor: pending until ``info`` (its ready() answer) arrives, then idle or computing ``task``."""
+
+    actor: Any
+    name: str
+    ready_ref: Any
+    info: dict[str, Any] | None = None
+    task: Any = None  # pipeline.worker.ShardTask
+    ref: Any = None
+    progress_ref: Any = None
+    progress: int = 0
+
+
+class ActorPool:
+    """The precompute actors of one run: starts them, tracks which are placed, grows and shrinks to the work left."""
+
+    def __init__(
+        self, config: PrecomputeConfig, resources: dict[str, float], *, projection: Projection | None, run_id: str,
+        prefix: str, err: TextIO | None = None,
+    ) -> None:
+        self.config, self.resources, self.projection, self.run_id, self.prefix = config, resources, projection, run_id, prefix
+        self.err = err or sys.stderr
+        self.slots: list[Slot] = []
+        self.started = 0
+        self.deaths = 0
+        self.start_failures = 0
+        self.last_start_error = ""
+        self.placed: dict[str, dict[str, Any]] = {}  # worker name -> its ready() answer
+        self._target: tuple[float, int] | None = None  # (when counted, actors that fit) for --actors auto
+        self._waiting_since: float | None = None
+
+    def target(self) -> int:
+        """The number of actors wanted: ``--actors``, or with ``auto`` those that fit on the live nodes (at least 1)."""
+        if self.config.actors != "auto":
+            return int(self.config.actors)
+        now = time.monotonic()
+        if self._target is None or now - self._target[0] >= NODE_POLL_S:
+            fit = actors_that_fit(alive_nodes(), self.resources["num_cpus"], self.resources["num_gpus"])
+            self._target = (now, max(1, fit))
+        return self._target[1]
+
+    def idle(self) -> list[Slot]:
+        return [s for s in self.slots if s.info is not None and s.task is None]
+
+    def busy(self) -> list[Slot]:
+        return [s for s in self.slots if s.task is not None]
+
+    def pending(self) -> list[Slot]:
+        return [s for s in self.slots if s.info is None]
+
+    def refs(self) -> list[Any]:
+        """What the driver waits on: busy actors' results and pending actors' ready() answers."""
+        return [s.ref for s in self.busy()] + [s.ready_ref for s in self.pending()]
+
+    def fill(self, outstanding: int) -> None:
+        """Starts actors up to min(target, shards outstanding); drops pending actors beyond that (newest first)."""
+        want = min(self.target(), outstanding)
+        for _ in range(want - len(self.slots)):
+            self.slots.append(self._start())
+        surplus = len(self.slots) - want
+        for slot in reversed(self.pending()):
+            if surplus <= 0:
+                break
+            self._remove(slot)
+            surplus -= 1
+
+    def poll(self) -> None:
+        """Marks pending actors that answered ready() as placed; forgets those that died before (node lost, bad init)."""
+        import ray
+        from ray.exceptions import RayActorError
+
+        pending = self.pending()
+        if not pending:
+            self._waiting_since = None
+            return
+        done, _ = ray.wait([s.ready_ref for s in pending], num_returns=len(pending), timeout=0)
+        for slot in [s for s in pending if s.ready_ref in done]:
+            try:
+                slot.info = ray.get(slot.ready_ref)
+                self.placed[slot.info["worker"]] = slot.info
+            except RayActorError as e:
+                self._remove(slot)
+                self.deaths += 1
+                if getattr(e, "actor_init_failed", False):
+                    self.start_failures += 1
+                    self.last_start_error = last_line(e)  # the constructor's exception ends Ray's traceback
+        self._notice_waiting()
+
+    def lost(self, slot: Slot) -> None:
+        """Forgets an actor that died while computing (its shard is requeued by the driver)."""
+        self.deaths += 1
+        self._remove(slot)
+
+    def close(self) -> None:
+        """Kills every actor of the run."""
+        for slot in list(self.slots):
+            self._remove(slot)
+
+    def node_of(self, worker: str) -> dict[str, Any]:
+        """The ready() answer of a worker (its node), or {} when it never answered."""
+        return self.placed.get(worker, {})
+
+    def _start(self) -> Slot:
+        import ray
+
+        name = f"{self.prefix}-{self.run_id[:8]}-{self.started}"
+        self.started += 1
+        remote = ray.remote(NodeWorker).options(
+            name=name, max_concurrency=2, max_restarts=0, max_task_retries=0, **self.resources
+        )
+        threads = max(1, int(self.config.cpus_per_actor))
+        actor = remote.remote(self.config, projection=self.projection, torch_threads=threads, run_id=self.run_id)
+        return Slot(actor, name, actor.ready.remote())
+
+    def _remove(self, slot: Slot) -> None:
+        import ray
+
+        self.slots.remove(slot)
+        ray.kill(slot.actor, no_restart=True)
+
+    def _notice_waiting(self) -> None:
+        """Says, now and then, that no actor is placed yet (a cluster waiting for nodes, or resources nobody has)."""
+        if any(s.info is not None for s in self.slots):
+            self._waiting_since = None
+            return
+        now = time.monotonic()
+        if self._waiting_since is None:
+            self._waiting_since = now
+        elif now - self._waiting_since >= WAITING_NOTICE_S:
+            self._waiting_since = now
+            print(
+                f"\nfeatup: waiting for {len(self.slots)} actor(s) to be placed, each needing {self.resources} "
+                "(the cluster has no free node with these resources yet)",
+                file=self.err,
+            )
+
+
+def last_line(error: BaseException) -> str:
+    """The last line of the error's message (the original exception of a remote traceback), at most 300 characters."""
+    text = str(error).strip().splitlines()
+    return (text[-1].strip() if text else type(error).__name__)[:300]
+
+
+def first_line(error: BaseException) -> str:
+    """The error's type and first message line, at most 300 characters."""
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0] if text else ''}"[:300]

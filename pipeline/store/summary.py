@@ -1,0 +1,98 @@
+"""What a feature store holds, for people: arrays (shapes, dtypes, codecs, bytes on disk), samples, failures, provenance."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from typing import Any
+
+import pyarrow.compute as pc
+
+from pipeline.runtime.progress import human_bytes
+from pipeline.store.features import FeatureStore
+
+TOP_REASONS = 5
+
+
+def store_summary(url: str, storage_options: dict | None = None) -> dict[str, Any]:
+    """A JSON-ready summary of the store at ``url``: arrays, sample and shard counts, failure reasons, report, provenance."""
+    store = FeatureStore.open(url, storage_options, mode="r")
+    index = store.read_index()
+    statuses = Counter(index["status"].to_pylist())
+    failed = index.filter(pc.equal(index["status"], "error"))
+    attrs = store.attrs
+    report = store.read_report()
+    return {
+        "url": url,
+        "arrays": [_array_summary(name, store.array(name)) for name in store.array_names],
+        "rows": store.num_rows,
+        "samples": {"committed": index.num_rows, "ok": statuses.get("ok", 0), "failed": statuses.get("error", 0),
+                    "not_committed": store.num_rows - index.num_rows},
+        "failure_reasons": Counter(failed["error"].to_pylist()).most_common(TOP_REASONS),
+        "shards": {"committed": len(store.committed_shards()), "total": attrs.get("num_shards")},
+        "report": _report_summary(report),
+        "provenance": attrs,
+    }
+
+
+def _array_summary(name: str, array: Any) -> dict[str, Any]:
+    """Shape, dtype, chunking, codecs and bytes (logical and stored) of one Zarr array."""
+    codecs = [*array.filters, array.serializer, *array.compressors]
+    stored = int(array.nbytes_stored())
+    return {"name": name, "shape": list(array.shape), "dtype": str(array.dtype), "chunks": list(array.chunks),
+            "dims": list(array.metadata.dimension_names or ()), "codecs": [_codec_name(c) for c in codecs if c is not None],
+            "bytes": int(array.nbytes), "bytes_stored": stored}
+
+
+def _codec_name(codec: Any) -> str:
+    """``zstd(level=3)``-style name of a Zarr v3 codec."""
+    config = codec.to_dict()
+    params = config.get("configuration") or {}
+    shown = ", ".join(f"{k}={v}" for k, v in params.items() if k not in ("checksum", "endian") or v not in (False, "little"))
+    return f"{config['name']}({shown})" if shown else config["name"]
+
+
+def _report_summary(report: dict | None) -> dict[str, Any] | None:
+    """The last run's status, time and throughput, when it wrote a report."""
+    if report is None:
+        return None
+    return {"status": report.get("status"), "failure": report.get("failure"), "wall_s": report.get("wall_s"),
+            "images_per_s": report.get("throughput_images_per_s"), "started_at": report.get("started_at")}
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    """The summary as an aligned text table."""
+    lines = [f"store {summary['url']}", "arrays:"]
+    header = f"  {'name':<12} {'shape':<24} {'dtype':<8} {'chunks':<22} {'codecs':<24} {'stored':>10} {'ratio':>6}"
+    lines.append(header)
+    for a in summary["arrays"]:
+        ratio = a["bytes"] / a["bytes_stored"] if a["bytes_stored"] else float("nan")
+        lines.append(f"  {a['name']:<12} {str(tuple(a['shape'])):<24} {a['dtype']:<8} {str(tuple(a['chunks'])):<22} "
+                     f"{'+'.join(a['codecs']):<24} {human_bytes(a['bytes_stored']):>10} {ratio:>5.2f}x")
+    total = sum(a["bytes_stored"] for a in summary["arrays"])
+    lines.append(f"  total stored {human_bytes(total)} ({total} bytes)")
+    s = summary["samples"]
+    lines.append(f"samples: {summary['rows']} rows; {s['committed']} committed ({s['ok']} ok, {s['failed']} failed); "
+                 f"{s['not_committed']} in shards not committed yet")
+    if summary["failure_reasons"]:
+        lines.append("  most common failure reasons:")
+        lines.extend(f"  {count:>6}  {reason}" for reason, count in summary["failure_reasons"])
+    shards = summary["shards"]
+    lines.append(f"shards: {shards['committed']} committed" + (f" of {shards['total']}" if shards["total"] is not None else ""))
+    report = summary["report"]
+    if report is not None:
+        speed = f", {report['images_per_s']} images/s" if report.get("images_per_s") is not None else ""
+        lines.append(f"last run: {report['status']} in {report['wall_s']} s{speed}"
+                     + (f" ({report['failure']})" if report.get("failure") else ""))
+    lines.append("provenance:")
+    lines.extend(f"  {key:<18} {_show_value(key, value)}" for key, value in summary["provenance"].items())
+    return "\n".join(lines)
+
+
+def _show_value(key: str, value: Any) -> str:
+    """A provenance value on one line (the PCA basis by its shape, the command line joined)."""
+    if key == "pca" and isinstance(value, dict) and "weight" in value:
+        return f"{len(value['weight'])} x {len(value['weight'][0]) if value['weight'] else 0} projection (stored in the attributes)"
+    if key == "command_line" and isinstance(value, list):
+        return " ".join(map(str, value))
+    return value if isinstance(value, str) else json.dumps(value)

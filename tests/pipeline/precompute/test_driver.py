@@ -1,0 +1,174 @@
+"""The precompute driver on a real local Ray (2 CPUs): actor count independence, resume, killed actors, locking, errors, S3."""
+
+import io
+import json
+import os
+import signal
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import corpus
+from tests.helpers import precompute as helpers
+
+from pipeline.precompute.driver import run_precompute  # noqa: E402
+from pipeline.store.features import FeatureStore, StoreLockedError  # noqa: E402
+
+N_SHARDS, PER_SHARD = 4, 5
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    """One local Ray for the module, the tiny backbone module, the slow flag path and four good shards."""
+    root = tmp_path_factory.mktemp("scheduler")
+    modules = helpers.write_tiny_module(root / "mods")
+    flag = root / "slow.flag"
+    shards = corpus.make_good_shards(root / "in", n_shards=N_SHARDS, per_shard=PER_SHARD)
+    with helpers.local_ray(modules, flag):
+        yield {"root": root, "flag": flag, "shards": shards}
+
+
+@pytest.fixture(scope="module")
+def reference(env):
+    """The store of the tiny config computed in-process by plain ShardWorker calls, shard after shard."""
+    config = helpers.tiny_config(env["shards"], env["root"] / "reference.zarr")
+    helpers.reference_store(config)
+    return config.output
+
+
+def _run(config):
+    """run_precompute with captured output: (exit code, report, stderr text)."""
+    out, err = io.StringIO(), io.StringIO()
+    code = run_precompute(config, out=out, err=err)
+    return code, json.loads(out.getvalue()), err.getvalue()
+
+
+def _run_in_thread(config, outcome):
+    def target():
+        try:
+            outcome["result"] = _run(config)
+        except BaseException as e:  # reported by the test's assertions
+            outcome["error"] = e
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_one_and_two_actors_write_the_same_store_as_plain_workers(env, tmp_path):
+    timm = dict(backbone="timm:vit_tiny_patch16_224", image_size=32, channels=8)  # the PCA travels to the actors
+    expected = helpers.tiny_config(env["shards"], tmp_path / "expected.zarr", **timm)
+    helpers.reference_store(expected)
+    for actors in (1, 2):
+        config = helpers.tiny_config(env["shards"], tmp_path / f"actors{actors}.zarr", actors=actors, **timm)
+        code, report, err = _run(config)
+        assert code == 0, err
+        helpers.assert_same_store(expected.output, config.output)
+        assert report["status"] == "complete" and report["shards"]["computed"] == N_SHARDS
+        assert report["samples"] == {**report["samples"], "total": 20, "computed": 20, "ok": 20, "failed": 0}
+        assert len(report["actors"]["per_actor"]) == actors
+        assert set(report["time_split_s"]) == {"read_wait", "decode_threads", "model", "write"}
+        assert FeatureStore.open(config.output, mode="r").read_report() == report
+        assert "precompute: 100%|" in err and "| 20/20 img [" in err and "shards 4/4" in err and "img/s" in err
+
+
+def test_rerun_computes_only_uncommitted_shards(env, reference, tmp_path):
+    config = helpers.tiny_config(env["shards"], tmp_path / "partial.zarr")
+    helpers.reference_store(config)
+    store = FeatureStore.open(config.output)
+    markers = {i: store.fs.cat_file(f"{store.root}/commits/shard-{i:06d}.json") for i in (0, 2)}
+    for i in (1, 3):  # as if the job died while computing shards 1 and 3: uncommitted, rows half-written
+        store.fs.rm_file(f"{store.root}/commits/shard-{i:06d}.json")
+        store.write_rows(i * PER_SHARD, {"features": store.array("features")[0:2] + 7.0})
+
+    code, report, err = _run(config)
+    assert code == 0, err
+    assert "2 of 4 shards already committed and skipped, 2 to compute" in err
+    assert report["shards"]["skipped_committed"] == 2 and report["shards"]["computed"] == 2
+    assert report["samples"]["computed"] == 2 * PER_SHARD
+    assert {i: store.fs.cat_file(f"{store.root}/commits/shard-{i:06d}.json") for i in (0, 2)} == markers  # not redone
+    helpers.assert_same_store(reference, config.output, same_urls=True)
+
+
+def test_actor_killed_mid_shard_is_replaced_and_the_store_equals_a_clean_run(env, reference, tmp_path):
+    config = helpers.tiny_config(env["shards"], tmp_path / "killed.zarr", actors=2, batch_size=2)
+    env["flag"].touch()
+    outcome = {}
+    try:
+        thread = _run_in_thread(config, outcome)
+        victim = helpers.wait_for(helpers.busy_actor, 60, "an actor part-way through a shard")
+        import ray
+
+        os.kill(ray.get(victim.pid.remote()), signal.SIGKILL)
+    finally:
+        env["flag"].unlink()
+    thread.join(120)
+    assert "error" not in outcome, outcome.get("error")
+    code, report, err = outcome["result"]
+    assert code == 0, err
+    assert report["actors"]["restarts"] == 1 and report["shards"]["retries"] == 1
+    assert "will be redone: its worker died" in err
+    helpers.assert_same_store(reference, config.output, same_urls=True)
+
+
+def test_a_second_job_on_a_store_in_use_is_refused(env, reference, tmp_path):
+    config = helpers.tiny_config(env["shards"], tmp_path / "busy.zarr")
+    env["flag"].touch()
+    outcome = {}
+    try:
+        thread = _run_in_thread(config, outcome)
+        helpers.wait_for(lambda: (tmp_path / "busy.zarr" / "lock.json").exists(), 60, "the first job's lock")
+        with pytest.raises(StoreLockedError, match="expected no other job writing to it"):
+            run_precompute(config, out=io.StringIO(), err=io.StringIO())
+        with pytest.raises(StoreLockedError):
+            run_precompute(helpers.tiny_config(env["shards"], config.output, overwrite=True), out=io.StringIO(), err=io.StringIO())
+    finally:
+        env["flag"].unlink()
+    thread.join(120)
+    assert "error" not in outcome, outcome.get("error")
+    assert outcome["result"][0] == 0  # the first job was not disturbed
+    helpers.assert_same_store(reference, config.output, same_urls=True)
+    assert not (tmp_path / "busy.zarr" / "lock.json").exists()  # released at the end
+
+
+def test_bad_inputs_are_recorded_and_the_job_goes_on(env, tmp_path):
+    bad, expected = corpus.make_bad_shard(tmp_path / "in")
+    truncated, _ = corpus.make_truncated_shard(tmp_path / "in")
+    unreadable = corpus.make_unreadable_shard(tmp_path / "in")
+    inputs = [bad, truncated, unreadable, env["shards"][0]]
+    reference = helpers.tiny_config(inputs, tmp_path / "reference.zarr")
+    helpers.reference_store(reference)
+    config = helpers.tiny_config(inputs, tmp_path / "bad.zarr", actors=2)
+    code, report, err = _run(config)
+    assert code == 0, err
+    helpers.assert_same_store(reference.output, config.output, same_urls=True)
+    failed = sum(status == "error" for status in expected.values()) + 2  # + the truncated and unreadable shards' rows
+    assert report["samples"]["failed"] == failed and report["samples"]["ok"] == report["samples"]["total"] - failed
+    assert truncated in report["shards"]["read_errors"] and unreadable in report["shards"]["read_errors"]
+    _, index = helpers.read_store(config.output)
+    assert not [r for r in index if r["status"] == "ok" and expected.get(r["key"]) == "error"]
+
+
+def test_exceeding_max_errors_stops_the_job_with_a_summary(env, tmp_path):
+    bad, expected = corpus.make_bad_shard(tmp_path / "in")
+    config = helpers.tiny_config([bad, *env["shards"]], tmp_path / "errors.zarr", max_errors=3)
+    code, report, err = _run(config)
+    assert code == 1
+    failed = sum(status == "error" for status in expected.values())
+    assert report["status"] == "failed" and report["samples"]["failed_in_store"] == failed > 3
+    assert f"{failed} failed samples exceed --max-errors 3" in err
+    assert "above the pixel limit" in err  # the reasons are summarised
+    assert 0 in FeatureStore.open(config.output, mode="r").committed_shards()  # what was done stays for a rerun
+
+
+def test_s3_shards_in_and_s3_store_out(env, reference, tmp_path, s3_server):
+    options = s3_server.storage_options
+    shards = corpus.make_good_shards(s3_server.url("shards"), N_SHARDS, PER_SHARD, storage_options=options)
+    output = s3_server.url("store") + "/features.zarr"
+    config = helpers.tiny_config(shards, output, storage_options=options, actors=2)
+    code, report, err = _run(config)
+    assert code == 0, err
+    assert report["samples"]["ok"] == N_SHARDS * PER_SHARD
+    helpers.assert_same_store(reference, output, options_b=options, same_urls=False)

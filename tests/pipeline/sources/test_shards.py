@@ -1,0 +1,233 @@
+"""Tests of pipeline.sources.shards on real tar files: input expansion, counts that match iteration, broken shards, fsspec URLs."""
+
+from __future__ import annotations
+
+import pickle
+import sys
+import tarfile
+import uuid
+from pathlib import Path
+
+import fsspec
+import pytest
+
+from tests.helpers import corpus
+
+from featup.errors import InputError  # noqa: E402
+from pipeline.sources.shards import ShardInfo, expand_inputs, iter_shard_samples, scan_shard, scan_shards  # noqa: E402
+
+
+def _samples(url: str, storage_options: dict | None = None) -> tuple[list[dict], list[dict]]:
+    """(samples, error markers) of one shard's iteration."""
+    items = list(iter_shard_samples(url, storage_options))
+    return [s for s in items if s["__key__"] is not None], [s for s in items if s["__key__"] is None]
+
+
+@pytest.fixture
+def memory_folder():
+    """A fresh ``memory://`` folder, removed afterwards (fsspec's memory filesystem is process-wide)."""
+    folder = f"memory://shards-{uuid.uuid4().hex[:8]}"
+    yield folder
+    fs = fsspec.filesystem("memory")
+    if fs.exists(folder):
+        fs.rm(folder, recursive=True)
+
+
+def test_expand_inputs_braces_order_dedupe_and_absolute_paths(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    urls = expand_inputs(["data/train-{000..002}.tar", "s3://bucket/x-{1..2}.tar", "data/train-001.tar", "memory://m.tar"])
+    local = [str(tmp_path / "data" / f"train-{i:03d}.tar") for i in range(3)]
+    assert urls == local + ["s3://bucket/x-1.tar", "s3://bucket/x-2.tar", "memory://m.tar"]
+
+
+def test_expand_inputs_refuses_no_inputs():
+    with pytest.raises(InputError, match="at least one shard"):
+        expand_inputs([])
+
+
+def test_scan_counts_what_iteration_yields_on_good_shards(tmp_path):
+    paths = corpus.make_good_shards(tmp_path, n_shards=2, per_shard=5)
+    for index, path in enumerate(paths):
+        info = scan_shard(path, index)
+        samples, markers = _samples(path)
+        assert info == ShardInfo(path, index, 5, tuple(f"s{index:04d}-{i:05d}" for i in range(5)))
+        assert [s["__key__"] for s in samples] == list(info.keys) and markers == []
+        assert all(set(s) == {"__key__", "__url__", "jpg", "seg.png", "cls"} and s["__url__"] == path for s in samples)
+
+
+def test_samples_carry_the_exact_member_bytes(tmp_path):
+    written = [
+        {"__key__": "a", "jpg": b"\xff\xd8 not decoded", "seg.png": b"label", "json": b"{}"},
+        {"__key__": "b", "cls": b"7"},
+    ]
+    path = corpus.write_shard(tmp_path / "raw.tar", written)
+    samples, _ = _samples(path)
+    assert [{k: v for k, v in s.items() if k != "__url__"} for s in samples] == written
+
+
+# Member names that exercise WebDataset's filters and key rule: directories, metadata, names without a dot,
+# hidden files, nested paths, upper-case extensions, a key that comes back later, reserved extensions.
+_TRICKY = [
+    ("dir", None), ("dir/a.jpg", b"1"), ("dir/a.seg.png", b"2"), ("__meta__", b"m"), ("README", b"r"),
+    ("b.JPG", b"3"), ("b.Cls", b"4"), (".hidden.jpg", b"h"), ("c.d.e.txt", b"5"), ("__index__.json", b"i"),
+    ("dir/a.cls", b"6"), ("d.jpg", b"7"), ("d.__key__", b"x"), ("d.__bad__", b"x"), ("e.__url__", b"x"), ("f.jpg", b"8"),
+]
+
+
+def test_scan_keys_follow_webdataset_grouping_on_tricky_names(tmp_path):
+    path = corpus.write_tar(tmp_path / "tricky.tar", _TRICKY)
+    info = scan_shard(path, 0)
+    samples, markers = _samples(path)
+    assert [s["__key__"] for s in samples] == list(info.keys) and markers == []
+    assert info.keys == ("dir/a", "b", "c", "__index__", "dir/a", "d", "f")
+    assert samples[1]["jpg"] == b"3" and samples[1]["cls"] == b"4"  # extensions lower-cased, keys not
+    assert samples[2]["d.e.txt"] == b"5"  # key is the path up to the first dot
+    assert "__bad__" not in samples[5] and samples[5]["__key__"] == "d"  # reserved extensions never reach a sample
+    assert all(set(s) - {"__key__", "__url__"} for s in samples)
+
+
+def _tar_cuts(data: bytes) -> list[int]:
+    """Cut points across the whole tar: every header boundary and several offsets inside headers and data."""
+    return sorted({c for c in range(0, len(data), 131)} | {c for c in range(0, len(data), 512)} | {len(data) - 1})
+
+
+def test_truncated_tar_scan_and_iteration_agree_at_every_cut(tmp_path):
+    samples = [{"__key__": f"k{i}", "jpg": bytes([i]) * (300 + 700 * i), "cls": str(i).encode()} for i in range(4)]
+    data = Path(corpus.write_shard(tmp_path / "full.tar", samples)).read_bytes()
+    complete = {s["__key__"]: {k: v for k, v in s.items() if k != "__key__"} for s in samples}
+    with tarfile.open(tmp_path / "full.tar") as tar:
+        headers = [m.offset for m in tar.getmembers()]  # tar has no length field: a cut there looks like the end
+    cut_path = tmp_path / "cut.tar"
+    for cut in _tar_cuts(data):
+        cut_path.write_bytes(data[:cut])
+        got, markers = _samples(str(cut_path))
+        try:
+            info = scan_shard(str(cut_path), 0)
+        except InputError:  # no complete header at all: unreadable, and iteration yields only the marker
+            assert got == [] and len(markers) == 1, cut
+            continue
+        assert [s["__key__"] for s in got] == list(info.keys), cut
+        for s in got:  # every member handed on holds exactly its written bytes: nothing partial gets through
+            members = {k: v for k, v in s.items() if not k.startswith("__")}
+            assert members.items() <= complete[s["__key__"]].items(), cut
+            if members != complete[s["__key__"]]:  # only a cut at or inside a header reads as an earlier end of the tar
+                assert s is got[-1] and markers == [] and any(h <= cut < h + 512 for h in headers), cut
+        assert (len(markers) == 1) == (info.error is not None), cut
+        if markers:
+            assert f"read error after {len(got)} samples" in markers[0]["__error__"] and str(cut_path) in markers[0]["__error__"]
+
+
+def test_truncated_corpus_shard_keeps_the_samples_before_the_cut(tmp_path):
+    path, expected = corpus.make_truncated_shard(tmp_path)
+    info = scan_shard(path, 3)
+    samples, markers = _samples(path)
+    assert list(info.keys) == list(expected) == [s["__key__"] for s in samples]
+    assert "unexpected end of data" in info.error
+    assert len(markers) == 1 and markers[0]["__url__"] == path
+
+
+def test_gzipped_shards_are_counted_and_read(tmp_path):
+    samples = [{"__key__": "a", "cls": b"1"}, {"__key__": "b", "cls": b"2"}]
+    for path in [corpus.write_shard(tmp_path / f"x.{ext}", samples) for ext in ("tar.gz", "tgz")]:
+        assert Path(path).read_bytes()[:2] == b"\x1f\x8b"  # really gzipped
+        assert scan_shard(path, 0).keys == ("a", "b")
+        assert [s["cls"] for s in _samples(path)[0]] == [b"1", b"2"]
+
+
+def test_empty_tar_has_no_samples(tmp_path):
+    path = corpus.write_tar(tmp_path / "empty.tar", [])
+    assert scan_shard(path, 0) == ShardInfo(path, 0, 0, ())
+    assert _samples(path) == ([], [])
+
+
+@pytest.mark.parametrize(
+    "make, reason",
+    [
+        (lambda d: str(d / "missing.tar"), "No such file"),
+        (lambda d: str(d), "directory"),
+        (lambda d: _write(d / "zero.tar", b""), "empty file"),
+        (corpus.make_unreadable_shard, "expected a tar archive"),
+    ],
+    ids=["missing", "directory", "zero-bytes", "not-a-tar"],
+)
+def test_unreadable_shard_is_an_input_error_naming_it_and_iteration_only_marks_it(tmp_path, make, reason):
+    url = make(tmp_path)
+    with pytest.raises(InputError, match=reason) as e:
+        scan_shard(url, 0)
+    assert f"shard {url}" in str(e.value)
+    samples, markers = _samples(url)
+    assert samples == [] and len(markers) == 1 and url in markers[0]["__error__"]
+
+
+def _write(path: Path, data: bytes) -> str:
+    path.write_bytes(data)
+    return str(path)
+
+
+def test_scan_shards_keeps_order_and_indexes(tmp_path):
+    paths = corpus.make_good_shards(tmp_path, n_shards=3, per_shard=2)
+    infos = scan_shards(list(reversed(paths)), max_workers=2)
+    assert [(i.url, i.index, i.num_samples) for i in infos] == [(p, k, 2) for k, p in enumerate(reversed(paths))]
+
+
+def test_scan_shards_lists_every_unreadable_shard_in_one_error(tmp_path):
+    good = corpus.make_good_shards(tmp_path, n_shards=2, per_shard=1)
+    missing = [str(tmp_path / "gone-1.tar"), str(tmp_path / "gone-2.tar")]
+    broken = corpus.make_unreadable_shard(tmp_path)
+    with pytest.raises(InputError) as e:
+        scan_shards([good[0], missing[0], broken, good[1], missing[1]])
+    message = str(e.value)
+    assert "got 3 that cannot be read" in message
+    assert all(url in message for url in missing + [broken]) and not any(url in message for url in good)
+
+
+def test_duplicate_members_flag_their_sample_without_changing_the_count(tmp_path):
+    path = corpus.write_tar(tmp_path / "dup.tar", [("a.jpg", b"1"), ("a.jpg", b"2"), ("a.cls", b"c"), ("b.jpg", b"3")])
+    info = scan_shard(path, 0)
+    samples, markers = _samples(path)
+    assert info.keys == ("a", "b") == tuple(s["__key__"] for s in samples) and markers == []
+    assert "a.jpg twice" in samples[0]["__error__"] and "__error__" not in samples[1]
+
+
+def test_pickled_payloads_stay_bytes_and_are_never_unpickled(tmp_path):
+    path, _ = corpus.make_bad_shard(tmp_path)
+    marker = corpus.pickle_marker(tmp_path)
+    samples, _ = _samples(path)
+    payloads = [s[ext] for s in samples for ext in ("pyd", "pickle") if ext in s]
+    assert len(payloads) == 2 and all(isinstance(p, bytes) for p in payloads)
+    assert not marker.exists()
+
+
+def test_corpus_pickle_would_create_the_marker_if_unpickled(tmp_path):
+    marker = tmp_path / "proof"
+    pickle.loads(corpus.marker_pickle(marker)).close()  # what a careless decoder would do
+    assert marker.exists()
+
+
+def test_file_and_memory_urls_read_like_local_paths(tmp_path, memory_folder):
+    local = corpus.make_good_shards(tmp_path, n_shards=1, per_shard=3)[0]
+    memory = corpus.make_good_shards(memory_folder, n_shards=1, per_shard=3)[0]
+    expected = scan_shard(local, 0).keys
+    for url in (Path(local).as_uri(), memory):
+        assert scan_shard(url, 0).keys == expected
+        samples, markers = _samples(url)
+        assert [s["__key__"] for s in samples] == list(expected) and markers == []
+        assert samples[0]["jpg"] == _samples(local)[0][0]["jpg"]
+
+
+def test_storage_options_reach_fsspec(tmp_path):
+    corpus.make_good_shards(tmp_path, n_shards=1, per_shard=2)
+    options = {"path": str(tmp_path), "target_protocol": "file"}  # the "dir" filesystem cannot work without them
+    url = "dir://shard-000000.tar"
+    with pytest.raises(InputError, match=url):
+        scan_shard(url, 0)
+    assert scan_shard(url, 0, storage_options=options).num_samples == 2
+    assert scan_shards([url], storage_options=options)[0].num_samples == 2
+    assert [s["__key__"] for s in _samples(url, options)[0]] == ["s0000-00000", "s0000-00001"]
+
+
+def test_iteration_stops_cleanly_when_the_consumer_stops(tmp_path):
+    path = corpus.make_good_shards(tmp_path, n_shards=1, per_shard=4)[0]
+    iterator = iter_shard_samples(path)
+    assert next(iterator)["__key__"] == "s0000-00000"
+    iterator.close()  # closes the stream; nothing raised
