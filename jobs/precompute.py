@@ -33,7 +33,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     data.add_argument("--save-image", action="store_true", help="also store the preprocessed image (uint8)")
     data.add_argument("--save-lowres", action="store_true", help="also store the backbone's low-res features")
     data.add_argument("--max-pixels", type=positive_int, default=64_000_000, help="larger images are recorded as errors (default 64e6)")
-    data.add_argument("--max-errors", default=None, help="give up past this many failed samples: a count (10) or a fraction (0.01, 1%%)")
+    data.add_argument("--max-errors", default=None,
+                      help="give up past this many failed samples: a count (10), a fraction (0.01, 1%%) or none (default 5%%)")
     data.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE", help="fsspec storage option (repeatable)")
     res = parser.add_argument_group("resources")
     res.add_argument(
@@ -43,7 +44,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     res.add_argument("--device", default="auto", help="auto (cuda when the actor has a GPU), cpu, cuda or cuda:N")
     res.add_argument("--gpus-per-actor", type=float, default=None, help="GPUs per actor, fractions allowed (default: 1 with CUDA)")
-    res.add_argument("--cpus-per-actor", type=float, default=1.0, help="CPUs per actor (default 1)")
+    res.add_argument("--cpus-per-actor", type=float, default=None,
+                     help="CPUs per actor (default auto: a local run splits this machine's CPUs among --actors N; "
+                          "with --address or --actors auto, 1)")
     res.add_argument("--batch-size", type=positive_int, default=8, help="images per model call (default 8)")
     res.add_argument(
         "--decode-threads", type=positive_int, default=None,
@@ -54,6 +57,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     run_opts = parser.add_argument_group("run")
     run_opts.add_argument("--overwrite", action="store_true", help="start over, deleting an existing store at --output")
     run_opts.add_argument("--dry-run", action="store_true", help="print the plan (shards, samples, arrays, bytes) and exit")
+    run_opts.add_argument("--io-retry-seconds", type=float, default=120.0,
+                          help="retry transient storage faults (resets, timeouts, 5xx, SlowDown) this long before stopping (default 120)")
     run_opts.add_argument("--json", action="store_true", help="print the whole run report (as in report.json) instead of the summary")
 
 
@@ -96,7 +101,8 @@ def build_config(args: argparse.Namespace):
         decode_threads=args.decode_threads,
         kernel_backend=args.kernel_backend,
         address=args.address,
-        max_errors=None if args.max_errors is None else parse_max_errors(args.max_errors),
+        **({} if args.max_errors is None else {"max_errors": parse_max_errors(args.max_errors)}),
+        io_retry_seconds=args.io_retry_seconds,
         max_pixels=args.max_pixels,
         overwrite=args.overwrite,
         dry_run=args.dry_run,

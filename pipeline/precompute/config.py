@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from featup.errors import ConfigError
+from pipeline.runtime.retry import DEFAULT_BUDGET_S, RetryPolicy
 from pipeline.runtime.storage import Location
 
 DTYPES = ("float16", "bfloat16", "float32")
+DEFAULT_MAX_ERRORS = 0.05  # --max-errors: 5% of all samples
 UPSAMPLERS = ("jbu", "bilinear", "implicit")  # implicit: a network fitted to each image (slow)
 KERNEL_BACKENDS = ("auto", "compiled", "eager")  # JBU kernels: torch.compile'd or eager, same results
 # zarr and numpy have no bfloat16: bfloat16 results are stored exactly as float32.
@@ -59,12 +61,16 @@ class PrecomputeConfig:
     actors: int | str = 1  # or "auto": the actors that fit on the cluster's live nodes, growing as nodes join
     device: str = "auto"
     gpus_per_actor: float | None = None  # None: 1 when the actors' device is CUDA (auto on a GPU cluster), else 0
-    cpus_per_actor: float = 1.0
+    cpus_per_actor: float | None = None  # None: resolved by with_machine_resources (the driver does it once)
     batch_size: int = 8
     decode_threads: int | None = 2  # None: sized per actor from its node (pipeline.cluster.decode_threads_for)
     kernel_backend: str = "auto"  # "eager" skips the per-process torch.compile (seconds): best for tiny jobs
     address: str | None = None
-    max_errors: int | float | None = None  # int: a count of failed samples; float in [0, 1]: a fraction of all samples
+    # int: a count of failed samples; float in [0, 1]: a fraction of all samples; None: no limit. The default stops a
+    # job whose failures point at a systematic problem (a wrong --labels or image key, a damaged shard set) rather
+    # than the usual tail of unreadable files; a job in which no sample succeeded always fails.
+    max_errors: int | float | None = DEFAULT_MAX_ERRORS
+    io_retry_seconds: float = DEFAULT_BUDGET_S  # how long transient storage faults are retried before the job stops
     max_pixels: int = 64_000_000
     overwrite: bool = False
     dry_run: bool = False
@@ -87,6 +93,21 @@ class PrecomputeConfig:
         _check_model(self)
         _check_resources(self)
         _check_errors(self)
+
+    def with_machine_resources(self, machine_cpus: int) -> PrecomputeConfig:
+        """This config with ``cpus_per_actor`` resolved: an explicit value wins; a local run with ``--actors N`` gives
+        each actor its share of the machine's CPUs (its torch threads equal that share); cluster runs and
+        ``--actors auto`` keep 1 CPU per actor (GPU-based placement decides)."""
+        if self.cpus_per_actor is not None:
+            return self
+        local_share = self.address is None and self.actors != "auto"
+        cpus = max(1, machine_cpus // int(self.actors)) if local_share else 1
+        return replace(self, cpus_per_actor=float(cpus))
+
+    @property
+    def retry(self) -> RetryPolicy:
+        """How transient storage faults are retried (``--io-retry-seconds``), for every read and write of the job."""
+        return RetryPolicy(budget_s=float(self.io_retry_seconds))
 
     @property
     def storage_dtype(self) -> str:
@@ -113,9 +134,11 @@ class PrecomputeConfig:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}
 
 
-def parse_max_errors(text: str) -> int | float:
-    """``--max-errors``: ``"10"`` (a count), ``"0.05"`` or ``"5%"`` (a fraction of all samples)."""
+def parse_max_errors(text: str) -> int | float | None:
+    """``--max-errors``: ``"10"`` (a count), ``"0.05"`` or ``"5%"`` (a fraction of all samples), ``"none"`` (no limit)."""
     value = text.strip()
+    if value.lower() == "none":
+        return None
     try:
         if value.endswith("%"):
             return _fraction(float(value[:-1]) / 100.0, text)
@@ -193,7 +216,11 @@ def _check_resources(c: PrecomputeConfig) -> None:
     g = c.gpus_per_actor
     if g is not None and (isinstance(g, bool) or not isinstance(g, (int, float)) or g < 0):
         raise ConfigError(f"--gpus-per-actor: expected a number >= 0, got {g!r}")
-    if not isinstance(c.cpus_per_actor, (int, float)) or c.cpus_per_actor <= 0:
+    r = c.io_retry_seconds
+    if isinstance(r, bool) or not isinstance(r, (int, float)) or not 0 <= r < math.inf:
+        raise ConfigError(f"--io-retry-seconds: expected a number of seconds >= 0, got {r!r}")
+    if c.cpus_per_actor is not None and (isinstance(c.cpus_per_actor, bool) or not isinstance(c.cpus_per_actor, (int, float))
+                                         or c.cpus_per_actor <= 0):
         raise ConfigError(f"--cpus-per-actor: expected a number > 0, got {c.cpus_per_actor!r}")
     if c.device != "auto" and c.device != "cpu" and not c.device.startswith("cuda"):
         raise ConfigError(f"--device: expected auto, cpu or cuda[:N], got {c.device!r}")

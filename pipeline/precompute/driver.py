@@ -22,18 +22,19 @@ from datetime import datetime, timezone
 from typing import Iterator, Sequence, TextIO
 
 from featup.errors import ConfigError
+from pipeline.runtime.retry import TransientIOError
 from pipeline.precompute.pool import MAX_START_FAILURES, ActorPool, Slot, first_line
 from pipeline.precompute.config import PrecomputeConfig
 from pipeline.precompute.extract import Projection
 from pipeline.precompute.plan import COMPAT_KEYS, Plan, estimate_bytes, fit_projection, format_plan, make_plan
 from pipeline.runtime.progress import ProgressBar, precompute_postfix
 from pipeline.runtime.ray_session import ray_session
+from pipeline.precompute.heartbeat import LockHeartbeat
 from pipeline.precompute.report import format_run_summary, summarize_reasons
 from pipeline.precompute.worker import ShardResult, ShardTask
 
 EXIT_OK, EXIT_FAILED = 0, 1
 MAX_ATTEMPTS = 3  # a shard whose worker dies or fails this many times stops the job (it stays uncommitted)
-HEARTBEAT_S = 10.0
 TICK_S = 0.5
 ACTOR_PREFIX = "featup-precompute"
 
@@ -47,6 +48,7 @@ def run_precompute(
     The end of the run goes to ``out``: a short summary, or with ``json_output`` the whole report (as in ``report.json``).
     """
     out, err = out or sys.stdout, err or sys.stderr
+    config = config.with_machine_resources(_machine_cpus())  # resolved once, passed down to the actors
     plan = make_plan(config, command_line)
     if config.dry_run:
         print(format_plan(plan, estimate_bytes(plan), _existing_commits(plan)), file=out)
@@ -58,10 +60,11 @@ def run_precompute(
     run_id = uuid.uuid4().hex
     store, committed, projection, clean = open_store(plan, run_id, err)
     try:
-        driver = Driver(plan, store, committed, projection, clean=clean, run_id=run_id, err=err)
-        with ray_session(config.address, _local_cpus(config)) if driver.queue else nullcontext():
-            report = driver.run()
-        store.write_report(report)
+        with LockHeartbeat(store) as heartbeat:
+            driver = Driver(plan, store, committed, projection, clean=clean, run_id=run_id, err=err, heartbeat=heartbeat)
+            with ray_session(config.address, _local_cpus(config)) if driver.queue else nullcontext():
+                report = driver.run()
+            store.write_report(report)
     finally:
         store.release_lock()
     print(json.dumps(report, indent=2) if json_output else format_run_summary(report, store.report_url), file=out)
@@ -134,12 +137,15 @@ class Driver:
     """The ray.wait loop over a queue of uncommitted shards, with actor replacement, error limit, progress and report."""
 
     def __init__(
-        self, plan: Plan, store, committed: set[int], projection: Projection | None, *, clean: bool, run_id: str, err: TextIO
+        self, plan: Plan, store, committed: set[int], projection: Projection | None, *, clean: bool, run_id: str, err: TextIO,
+        heartbeat: LockHeartbeat | None = None,
     ) -> None:
         self.plan, self.store, self.projection, self.run_id, self.err = plan, store, projection, run_id, err
+        self.heartbeat = heartbeat
         config = plan.config
         self.queue = deque(
-            ShardTask(shard, offset, clean=clean) for shard, offset in zip(plan.shards, plan.offsets) if shard.index not in committed
+            ShardTask(shard, offset, clean=clean, duplicates=plan.duplicates.get(shard.index, {}))
+            for shard, offset in zip(plan.shards, plan.offsets) if shard.index not in committed
         )
         self.skipped = len(committed)
         self.total = _Totals()
@@ -162,6 +168,7 @@ class Driver:
                 )
                 self._loop(self.pool)
             self.progress.set(self.total.samples, self._postfix(), force=True)
+            self._check_some_succeeded()
         finally:
             if self.pool is not None:
                 self.pool.close()
@@ -170,7 +177,6 @@ class Driver:
 
     def _loop(self, pool: ActorPool) -> None:
         """Hands queued shards to placed idle actors, collects results, and keeps the pool sized to the work left."""
-        last_beat = time.monotonic()
         while self.failure is None and (self.queue or pool.busy()):
             pool.fill(len(self.queue) + len(pool.busy()))
             pool.poll()
@@ -184,9 +190,8 @@ class Driver:
             self._check_error_limit()
             self._poll_progress(pool.busy())
             self.progress.set(self.total.samples + sum(s.progress for s in pool.busy()), self._postfix())
-            if time.monotonic() - last_beat > HEARTBEAT_S:
-                self.store.heartbeat()
-                last_beat = time.monotonic()
+            if self.heartbeat is not None and self.heartbeat.error is not None:
+                self.failure = f"the store's lock could not be renewed: {self.heartbeat.error}"
 
     @staticmethod
     def _wait(refs: list) -> list:
@@ -221,7 +226,11 @@ class Driver:
             self._retry(task, f"its worker died ({first_line(e)})")
             return
         except RayTaskError as e:
-            self._retry(task, f"its worker failed ({first_line(e)})")
+            cause = getattr(e, "cause", None)
+            if isinstance(cause, TransientIOError):  # storage stayed down for the whole retry budget
+                self._retry(task, str(cause))
+            else:
+                self._retry(task, f"its worker failed ({first_line(e)})")
             return
         self._record(result)
 
@@ -248,6 +257,12 @@ class Driver:
 
     def _postfix(self) -> str:
         return precompute_postfix(self.total.shards, self.todo_shards, self._errors())
+
+    def _check_some_succeeded(self) -> None:
+        """A finished job in which no sample of the store succeeded has failed, whatever --max-errors allows."""
+        rows = self.plan.num_rows
+        if self.failure is None and not self.queue and rows and self._errors() >= rows:
+            self.failure = f"no sample succeeded: all {rows} samples failed"
 
     def _errors(self) -> int:
         return self.previous[0] + self.total.failed
@@ -315,6 +330,7 @@ class Driver:
                 "ok": t.ok,
                 "failed": t.failed,
                 "failed_in_store": self._errors(),
+                "duplicate_keys": plan.num_duplicates,
                 "error_limit": self.limit,
                 "error_reasons": dict(reasons.most_common(20)),
             },
@@ -323,6 +339,15 @@ class Driver:
             "time_split_s": {k: round(v, 3) for k, v in t.times.items()},
             "time_split_fraction": {k: round(t.times[k] / busy, 4) for k in ("read_wait", "model", "write")} if busy else {},
         }
+
+
+def _machine_cpus() -> int:
+    """The CPUs a local job shares out: those of the Ray already running in this process, else this machine's."""
+    import ray
+
+    if ray.is_initialized():
+        return max(1, int(ray.cluster_resources().get("CPU", 1)))
+    return os.cpu_count() or 1
 
 
 def _local_cpus(config: PrecomputeConfig) -> int:
@@ -362,7 +387,8 @@ def _per_actor(stats: dict[str, Counter], nodes: dict[str, dict]) -> dict[str, d
         name: {"shards": s["shards"], "samples": s["samples"], "busy_s": round(s["busy_s"], 3),
                "images_per_s": round(s["samples"] / s["busy_s"], 3) if s["busy_s"] else 0.0,
                "node_id": nodes.get(name, {}).get("node_id"), "node_ip": nodes.get(name, {}).get("node_ip"),
-               "decode_threads": nodes.get(name, {}).get("decode_threads")}
+               "decode_threads": nodes.get(name, {}).get("decode_threads"),
+               "torch_threads": nodes.get(name, {}).get("torch_threads")}
         for name, s in stats.items()
     }
 

@@ -7,7 +7,7 @@ import json
 import math
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
@@ -44,6 +44,12 @@ class Plan:
     attrs: dict[str, Any]
     extractor: FeatureExtractor  # the driver's own copy, on the CPU: shapes, PCA fitting, the dry-run estimate
     spec: Any  # pipeline.decode.DecodeSpec
+    # shard index -> {position in the shard: reason} for the second and later occurrences of a key
+    duplicates: dict[int, dict[int, str]] = field(default_factory=dict)
+
+    @property
+    def num_duplicates(self) -> int:
+        return sum(len(found) for found in self.duplicates.values())
 
     @property
     def num_rows(self) -> int:
@@ -60,10 +66,28 @@ def make_plan(config: PrecomputeConfig, command_line: Sequence[str] = ()) -> Pla
     if config.channels is not None and config.channels > extractor.backbone.dim:
         raise ConfigError(f"--channels: expected at most the backbone's {extractor.backbone.dim} channels, got {config.channels}")
     spec = decode_spec(config, extractor)
-    plan = Plan(config, shards, offsets, [], {}, extractor, spec)
+    plan = Plan(config, shards, offsets, [], {}, extractor, spec, find_duplicates(shards))
     plan.arrays = array_specs(plan, label_shapes(plan))
     plan.attrs = store_attrs(plan, command_line)
     return plan
+
+
+def find_duplicates(shards: Sequence[Any]) -> dict[int, dict[int, str]]:
+    """The second and later occurrences of every key, in input order, as error reasons naming the first shard.
+
+    They become error rows (never served), so that one key names one stored sample whatever the input holds.
+    """
+    first: dict[str, str] = {}
+    found: dict[int, dict[int, str]] = {}
+    for shard in shards:
+        for position, key in enumerate(shard.keys):
+            if key == BROKEN_KEY:
+                continue
+            if key in first:
+                found.setdefault(shard.index, {})[position] = f"duplicate key, first seen in shard {first[key]}"
+            else:
+                first[key] = shard.url
+    return found
 
 
 def scan_inputs(urls: Sequence[str], storage_options: dict[str, Any], max_workers: int = 8) -> list:
@@ -242,7 +266,8 @@ def format_plan(plan: Plan, estimate: dict[str, tuple[int, float | None]], commi
     state = "(new store)" if committed is None else f"(existing store: {len(committed)} shards committed, {len(todo)} to compute)"
     lines = [
         "featup precompute plan (dry run: nothing is computed or written)",
-        f"  inputs: {len(plan.shards)} shards, {plan.num_rows} samples",
+        f"  inputs: {len(plan.shards)} shards, {plan.num_rows} samples"
+        + (f" ({plan.num_duplicates} duplicate keys, recorded as failed samples)" if plan.num_duplicates else ""),
         f"  output: {c.output} {state}",
         f"  model: backbone {c.backbone} ({e.backbone.weights_id}, stride {e.stride}, dim {e.backbone.dim}), "
         f"upsampler {c.upsampler}{' from ' + c.checkpoint if c.checkpoint else ''}, image {c.image_size}x{c.image_size}, "

@@ -118,11 +118,13 @@ class NodeWorker(ShardWorker):
         self.node = node
 
     def ready(self) -> dict[str, Any]:
-        """Answered once the actor is placed and its model loaded: its name, node and decode threads."""
+        """Answered once the actor is placed and its model loaded: its name, node, decode and torch threads."""
+        import torch
+
         return {
             "worker": self.name, "node_id": self.node.node_id, "node_ip": self.node.ip,
             "node_resources": {"CPU": self.node.cpus, "GPU": self.node.gpus, **self.node.custom},
-            "decode_threads": self.config.decode_threads,
+            "decode_threads": self.config.decode_threads, "torch_threads": torch.get_num_threads(),
         }
 
 

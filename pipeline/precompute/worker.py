@@ -24,6 +24,7 @@ from pipeline.precompute.config import PrecomputeConfig
 from pipeline.precompute.extract import FeatureExtractor, Projection
 from pipeline.precompute.report import OTHER_REASONS
 from pipeline.runtime.models import quiet_cpu_only_warnings
+from pipeline.runtime.retry import TransientIOError, is_transient
 
 MAX_REASONS = 50  # distinct error reasons a result carries; more are counted under OTHER_REASONS
 _DONE = object()
@@ -37,6 +38,7 @@ class ShardTask:
     start_row: int
     attempt: int = 1
     clean: bool = True  # no earlier attempt wrote into this shard's rows, so failed rows need no zero-filling
+    duplicates: dict[int, str] = field(default_factory=dict)  # position -> reason: keys seen earlier (plan.duplicates)
 
 
 @dataclass
@@ -172,6 +174,8 @@ class ShardWorker:
                 return
             if item.key != keys[position]:
                 item = FailedSample(keys[position], f"sample key: expected {keys[position]!r} as scanned, got {item.key!r}")
+            elif position in task.duplicates:
+                item = FailedSample(item.key, task.duplicates[position])
             yield position, item
             position += 1
 
@@ -284,6 +288,8 @@ def _prefetch(shard: Any, config: PrecomputeConfig, spec, pool: ThreadPoolExecut
             item = items.get()
             if item is _DONE:
                 return
+            if isinstance(item, BaseException):
+                raise item
             if isinstance(item, Future):
                 item, seconds = item.result()
                 result.decode_s += seconds
@@ -315,8 +321,11 @@ def _read_shard(shard: Any, config: PrecomputeConfig, spec, pool: ThreadPoolExec
                 break
             if not put(pool.submit(_timed_decode, raw, spec)):
                 break
-    except Exception as e:  # an unreadable shard: its samples are recorded as failed, the job goes on
-        put(f"shard {url}: cannot be read ({type(e).__name__}: {e})")
+    except Exception as e:
+        if is_transient(e):  # storage down past the retry budget: the shard is not committed, the driver retries it
+            put(e if isinstance(e, TransientIOError) else TransientIOError("read", url, e, 0))
+        else:  # an unreadable shard (content): its samples are recorded as failed, the job goes on
+            put(f"shard {url}: cannot be read ({type(e).__name__}: {e})")
     finally:
         put(_DONE)
 
@@ -352,6 +361,7 @@ def _index_row(row: int, url: str, sample: Any) -> dict:
         "height": int(sample.height),
         "status": "error" if failed else "ok",
         "error": sample.reason if failed else "",
+        "orientation": 0 if failed else int(getattr(sample, "orientation", 1)),
     }
 
 

@@ -9,7 +9,7 @@ from tqdm.auto import tqdm
 
 TTY_REFRESH_S = 0.5  # a terminal's bar is redrawn at most this often
 LOG_REFRESH_S = 10.0  # elsewhere (logs, pipes, Ray job logs) a new state is written at most this often
-BAR_FORMAT = "{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} {unit} [{elapsed}<{remaining}, {rate_fmt}{postfix}]"
+BAR_FORMAT = "{{desc}}: {{percentage:3.0f}}%|{{bar}}| {{n_fmt}}/{{total_fmt}} {noun} [{{elapsed}}<{{remaining}}, {{rate_fmt}}{{postfix}}]"
 
 
 class ProgressBar:
@@ -20,11 +20,14 @@ class ProgressBar:
     The rate is the plain average since the start (``initial`` excluded), not tqdm's moving average.
     """
 
-    def __init__(self, total: int, *, desc: str, unit: str, stream: TextIO | None, initial: int = 0) -> None:
+    def __init__(
+        self, total: int, *, desc: str, unit: str, stream: TextIO | None, initial: int = 0, noun: str | None = None
+    ) -> None:
         tty = bool(getattr(stream, "isatty", lambda: False)())
         disabled = stream is None or os.environ.get("TQDM_DISABLE", "").lower() in ("1", "true", "yes")
         self.bar = tqdm(
-            total=total, initial=initial, desc=desc, unit=unit, file=stream, bar_format=BAR_FORMAT, smoothing=0,
+            total=total, initial=initial, desc=desc, unit=unit, file=stream if tty or stream is None else _Lines(stream),
+            bar_format=BAR_FORMAT.format(noun=noun or unit), smoothing=0,
             miniters=0, mininterval=TTY_REFRESH_S if tty else LOG_REFRESH_S, dynamic_ncols=tty, ascii=not tty,
             leave=True, disable=disabled,
         )
@@ -43,6 +46,21 @@ class ProgressBar:
         self.bar.close()
 
 
+class _Lines:
+    """A log stream for tqdm: each redraw becomes a line of its own (no carriage returns in log files)."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self.stream = stream
+
+    def write(self, text: str) -> None:
+        text = text.replace("\r", "").rstrip()
+        if text:
+            self.stream.write(text + "\n")
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+
 def precompute_postfix(shards: int, total_shards: int, errors: int) -> str:
     return f"shards {shards}/{total_shards}, {errors} errors"
 
@@ -50,7 +68,7 @@ def precompute_postfix(shards: int, total_shards: int, errors: int) -> str:
 def format_progress(samples: float, total: int, shards: int, total_shards: int, errors: int, elapsed: float) -> str:
     """What the precompute bar shows for these numbers, e.g. ``precompute:  30%|###| 120/400 samples [00:10<00:23, ...]``."""
     return tqdm.format_meter(_count(samples), total, elapsed, ncols=80, prefix="precompute", unit="img",
-                             bar_format=BAR_FORMAT, postfix=precompute_postfix(shards, total_shards, errors), ascii=True)
+                             bar_format=BAR_FORMAT.format(noun="img"), postfix=precompute_postfix(shards, total_shards, errors), ascii=True)
 
 
 def _count(value: float) -> float:

@@ -72,7 +72,7 @@ class TrainProgress:
     """The ``train-jbu`` bar: steps of the total, rate and ETA of this process's steps, the latest loss."""
 
     def __init__(self, total_steps: int, first_step: int, stream: TextIO | None) -> None:
-        self.bar = ProgressBar(total_steps, desc="train-jbu", unit="steps", stream=stream, initial=first_step)
+        self.bar = ProgressBar(total_steps, desc="train-jbu", unit="step", noun="steps", stream=stream, initial=first_step)
 
     def update(self, step: int, loss: float, force: bool = False) -> None:
         """Shows ``step`` and ``loss`` (redrawn when the refresh interval has passed, or now if ``force``)."""

@@ -145,9 +145,9 @@ def train_jbu(config: TrainConfig, *, err: TextIO | None = None) -> TrainResult:
     """Train (or resume training) the JBU of ``config``; the progress line goes to ``err`` (default stderr)."""
     start = time.monotonic()
     err = err if err is not None else sys.stderr
+    setup = prepare(config)  # inputs, backbone and sizes checked before anything is deleted
     if config.overwrite:
         ckpt.remove([config.output_location, *config.log_locations()])
-    setup = prepare(config)
     resumed_from = int(setup.saved[ckpt.TRAINING_KEY]["step"]) if setup.saved else 0
     if resumed_from >= config.steps:
         err.write(f"train-jbu: {config.output} is already trained to step {resumed_from} (--steps {config.steps})\n")
@@ -181,7 +181,7 @@ def prepare(config: TrainConfig) -> _Setup:
         "settings": {**{name: getattr(config, name) for name in SETTINGS_FIELDS}, "inputs": urls},
         "featup_version": __version__, "trained_by": "featup train-jbu",
     }
-    saved = ckpt.load_training_checkpoint(config.output_location)
+    saved = None if config.overwrite else ckpt.load_training_checkpoint(config.output_location)
     if saved is not None:
         ckpt.check_resume(config.output, saved, hp)
     return _Setup(backbone, shards, hp, saved)

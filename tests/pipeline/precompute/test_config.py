@@ -56,7 +56,8 @@ def test_max_errors_is_a_count_or_a_fraction():
             parse_max_errors(bad)
     assert _config(max_errors=10).error_limit(1000) == 10
     assert _config(max_errors=0.05).error_limit(1000) == 50 and _config(max_errors=0.05).error_limit(39) == 1
-    assert _config().error_limit(1000) is None
+    assert _config().error_limit(1000) == 50  # the default: 5% of all samples
+    assert _config(max_errors=None).error_limit(1000) is None and parse_max_errors("none") is None
 
 
 def test_remote_options_are_given_to_remote_urls_only_and_hidden_in_reports():
@@ -72,3 +73,13 @@ def test_remote_options_are_given_to_remote_urls_only_and_hidden_in_reports():
 
 def test_bfloat16_is_stored_as_float32_and_other_dtypes_as_themselves():
     assert [_config(dtype=d).storage_dtype for d in ("float16", "bfloat16", "float32")] == ["float16", "float32", "float32"]
+
+
+def test_cpus_per_actor_auto_shares_a_local_machine_and_an_explicit_value_wins():
+    assert _config(actors=1).with_machine_resources(2).cpus_per_actor == 2.0
+    assert _config(actors=2).with_machine_resources(2).cpus_per_actor == 1.0
+    assert _config(actors=3).with_machine_resources(16).cpus_per_actor == 5.0
+    assert _config(actors=4).with_machine_resources(2).cpus_per_actor == 1.0  # at least one each
+    assert _config(actors=1, cpus_per_actor=1.5).with_machine_resources(8).cpus_per_actor == 1.5
+    assert _config(actors="auto").with_machine_resources(8).cpus_per_actor == 1.0
+    assert _config(actors=2, address="auto").with_machine_resources(8).cpus_per_actor == 1.0  # the cluster places by GPU

@@ -41,7 +41,7 @@ def reference(env):
 def _run(config):
     """run_precompute with captured output: (exit code, report, stderr text)."""
     out, err = io.StringIO(), io.StringIO()
-    code = run_precompute(config, out=out, err=err)
+    code = run_precompute(config, out=out, err=err, json_output=True)
     return code, json.loads(out.getvalue()), err.getvalue()
 
 
@@ -172,3 +172,65 @@ def test_s3_shards_in_and_s3_store_out(env, reference, tmp_path, s3_server):
     assert code == 0, err
     assert report["samples"]["ok"] == N_SHARDS * PER_SHARD
     helpers.assert_same_store(reference, output, options_b=options, same_urls=False)
+
+
+def test_duplicate_keys_are_failed_rows_naming_the_first_shard_and_never_served(env, tmp_path):
+    from pipeline.store.reader import open_features
+
+    rng = __import__("numpy").random.default_rng(7)
+    first = corpus.write_shard(tmp_path / "in" / "a.tar", [corpus.good_sample(k, rng) for k in ("k1", "k2", "k3")])
+    again = corpus.write_shard(tmp_path / "in" / "b.tar", [corpus.good_sample(k, rng) for k in ("k4", "k2", "k4")])
+    config = helpers.tiny_config([first, again], tmp_path / "dups.zarr", max_errors=None)
+    code, report, _ = _run(config)
+    assert code == 0 and report["samples"]["duplicate_keys"] == 2
+    _, index = helpers.read_store(config.output)
+    rows = {(r["shard"].rsplit("/", 1)[-1], r["key"], r["row"]): (r["status"], r["error"]) for r in index}
+    assert rows[("b.tar", "k2", 4)] == ("error", f"duplicate key, first seen in shard {first}")
+    assert rows[("b.tar", "k4", 5)] == ("error", f"duplicate key, first seen in shard {again}")
+    assert rows[("b.tar", "k4", 3)][0] == "ok" and rows[("a.tar", "k2", 1)][0] == "ok"
+    served = [open_features(config.output)[i]["key"] for i in range(len(open_features(config.output)))]
+    assert sorted(served) == ["k1", "k2", "k3", "k4"]
+
+
+def test_a_job_in_which_no_sample_succeeded_fails_with_its_reasons(env, tmp_path):
+    broken = [corpus.write_shard(tmp_path / "in" / f"broken-{i}.tar", [{"__key__": f"b{i}-{j}", "jpg": b"not an image"}
+                                                                        for j in range(3)]) for i in range(2)]
+    config = helpers.tiny_config(broken, tmp_path / "none.zarr", max_errors=1.0)  # the limit would allow every failure
+    code, report, err = _run(config)
+    assert code == 1 and report["status"] == "failed"
+    assert report["failure"] == f"no sample succeeded: all {report['samples']['total']} samples failed"
+    assert "most common reasons:" in err and "featup: error: no sample succeeded" in err
+
+
+def test_the_default_error_limit_stops_a_mostly_broken_job(env, tmp_path):
+    bad, expected = corpus.make_bad_shard(tmp_path / "in")
+    config = helpers.tiny_config([bad, env["shards"][0]], tmp_path / "default-limit.zarr")
+    assert config.max_errors == 0.05
+    code, report, err = _run(config)
+    assert code == 1 and "failed samples exceed --max-errors 0.05" in report["failure"]
+
+
+def test_the_lock_is_renewed_from_the_moment_it_is_taken(tmp_path):
+    import time
+
+    from pipeline.precompute.heartbeat import LockHeartbeat
+    from tests.helpers.store import coordinate_store
+
+    url = str(tmp_path / "beat.zarr")
+    coordinate_store(url)
+    store = FeatureStore.open(url)
+    store.acquire_lock("run-1")
+    lock_path = Path(store.root) / "lock.json"
+    before = json.loads(lock_path.read_text())["heartbeat"]
+    with LockHeartbeat(store, interval_s=0.05) as beat:
+        time.sleep(0.4)
+    assert beat.error is None and json.loads(lock_path.read_text())["heartbeat"] > before
+    store.release_lock()
+
+
+def test_one_actor_by_default_uses_every_cpu_of_the_local_ray_for_torch(env, tmp_path):
+    config = helpers.tiny_config(env["shards"][:1], tmp_path / "threads.zarr", cpus_per_actor=None)
+    code, report, _ = _run(config)
+    (actor,) = report["actors"]["per_actor"].values()
+    assert code == 0 and actor["torch_threads"] == 2  # the test's local Ray has 2 CPUs, all given to the one actor
+    assert report["config"]["cpus_per_actor"] == 2.0

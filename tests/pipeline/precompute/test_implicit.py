@@ -108,7 +108,7 @@ def test_precompute_on_two_actors_matches_the_in_process_reference(env):
     helpers.reference_store(reference)
     config = _config(env, "ray.zarr", actors=2)
     out, err = io.StringIO(), io.StringIO()
-    assert run_precompute(config, out=out, err=err) == 0
+    assert run_precompute(config, out=out, err=err, json_output=True) == 0
     assert "--upsampler implicit fits one network per image (5 steps, 8 views): slow by nature" in err.getvalue()
     report = json.loads(out.getvalue())
     assert report["samples"]["ok"] == 6

@@ -64,7 +64,7 @@ def env(tmp_path_factory):
 
 def _run(config):
     out, err = io.StringIO(), io.StringIO()
-    code = run_precompute(config, out=out, err=err)
+    code = run_precompute(config, out=out, err=err, json_output=True)
     return code, json.loads(out.getvalue()), err.getvalue()
 
 

@@ -36,7 +36,10 @@ def test_a_terminal_bar_is_redrawn_in_place_and_a_log_gets_new_states_rarely():
     bar.set(2, "shards 0/2")  # within LOG_REFRESH_S of the start: not drawn
     assert "2/10" not in log.getvalue()
     bar.set(10, "shards 2/2", force=True)
-    assert "10/10 img" in log.getvalue() and "shards 2/2" in log.getvalue()
+    bar.close()
+    lines = log.getvalue().splitlines()
+    assert "\r" not in log.getvalue() and "10/10 img" in lines[-1] and "shards 2/2" in lines[-1]
+    assert len(lines) <= 3  # the start, the forced redraw and the close: one line each
 
 
 def test_fractional_counts_are_shown_to_a_tenth_and_whole_ones_as_integers():
@@ -47,10 +50,10 @@ def test_fractional_counts_are_shown_to_a_tenth_and_whole_ones_as_integers():
 
 def test_rate_counts_only_this_process_steps_when_resumed():
     log = io.StringIO()
-    bar = ProgressBar(100, desc="train-jbu", unit="steps", stream=log, initial=40)
+    bar = ProgressBar(100, desc="train-jbu", unit="step", noun="steps", stream=log, initial=40)
     bar.bar.start_t -= 10.0  # ten seconds ago
     bar.set(60, "loss 0.5", force=True)
-    assert "60/100 steps" in log.getvalue() and "2.00steps/s" in log.getvalue() and "loss 0.5" in log.getvalue()
+    assert "60/100 steps" in log.getvalue() and "2.00step/s" in log.getvalue() and "loss 0.5" in log.getvalue()
 
 
 def test_no_stream_or_tqdm_disable_draws_nothing(monkeypatch):

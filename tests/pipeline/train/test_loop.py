@@ -285,3 +285,19 @@ def test_missing_shards_are_refused_before_training(tiny):
 
     with pytest.raises(InputError, match="cannot be read"):
         train_jbu(_config([*tiny["train"], str(tiny["root"] / "missing.tar")], tiny["root"] / "never.ckpt"), err=io.StringIO())
+
+
+def test_overwrite_checks_inputs_and_backbone_before_deleting_the_old_model(tiny):
+    from featup.errors import FeatUpError
+    from pipeline.train.loop import train_jbu
+
+    config = _config(tiny["train"], tiny["root"] / "keep" / "jbu.ckpt", steps=1)
+    train_jbu(config, err=io.StringIO())
+    files = {p.name: p.read_bytes() for p in (tiny["root"] / "keep").iterdir()}
+    assert set(files) == {"jbu.ckpt", "jbu.losses.csv", "jbu.losses.png"}
+    typo = str(tiny["root"] / "no-such-shards-{0..1}.tar")
+    with pytest.raises(FeatUpError, match="no-such-shards"):
+        train_jbu(replace(config, inputs=(typo,), overwrite=True), err=io.StringIO())
+    with pytest.raises(FeatUpError, match="expected a multiple of the stride"):
+        train_jbu(replace(config, image_size=36, overwrite=True), err=io.StringIO())
+    assert {p.name: p.read_bytes() for p in (tiny["root"] / "keep").iterdir()} == files  # the trained model is intact
