@@ -24,9 +24,9 @@ def test_build_index_table_keeps_values_with_the_schema():
 
 
 def test_schema_columns_are_the_documented_ones():
-    assert INDEX_SCHEMA.names == ["row", "shard", "key", "width", "height", "status", "error"]
+    assert INDEX_SCHEMA.names == ["row", "shard", "key", "width", "height", "status", "error", "orientation"]
     s, i32 = pa.string(), pa.int32()
-    assert [f.type for f in INDEX_SCHEMA] == [pa.int64(), s, s, i32, i32, s, s]
+    assert [f.type for f in INDEX_SCHEMA] == [pa.int64(), s, s, i32, i32, s, s, pa.int16()]
 
 
 @pytest.mark.parametrize(
