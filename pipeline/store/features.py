@@ -143,12 +143,12 @@ class FeatureStore:
             self._arrays[name] = self._call("open the array", f"{self.url}/{name}", self.group.__getitem__, name)
         return self._arrays[name]
 
-    def sample_keys(self) -> np.ndarray:
-        """The key of every row as written at creation (the ``sample`` coordinate; format-1 stores have none: empty)."""
+    def sample_keys(self) -> list[str]:
+        """The key of every row as written at creation (the ``sample`` coordinate; format-1 stores have none: [])."""
         if self.layout.format < 2:
-            return np.asarray([], dtype=str)
+            return []
         keys = self._call("read the sample keys of", self.url, lambda: self.group[KEYS_ARRAY][:], writing=False)
-        return np.asarray(keys, dtype=str)
+        return [str(k) for k in keys.tolist()]
 
     def write_rows(self, start: int, arrays: dict[str, np.ndarray]) -> None:
         """Writes rows ``[start, start + n)`` of each named array (one chunk per row, so rows of other writers are untouched)."""
