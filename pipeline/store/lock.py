@@ -102,7 +102,7 @@ class StoreLock:
         self.run_id: str | None = None
         self.token: str | None = None
         self.stale_after_s = MIN_STALE_S
-        self._versions = versioned_file(fs, path, url)
+        self._versions = versioned_file(fs, path)
 
     def current(self) -> dict | None:
         """The lock as stored now (None without one)."""
@@ -112,6 +112,9 @@ class StoreLock:
     def acquire(self, run_id: str, stale_after_s: float = MIN_STALE_S, heartbeat_s: float = HEARTBEAT_S) -> dict | None:
         """Takes the lock for ``run_id``, refusing while another run's is live; returns the stale lock it took over."""
         window = stale_window(self.retry, heartbeat_s, stale_after_s)
+        if not self._versions.conditional:
+            logger.warning("store %s: %s storage has no conditional writes here; two jobs started at the same moment may "
+                           "both take its lock", self.url, _protocols(self.fs)[0])
         token = uuid.uuid4().hex
         taken = store_call(self.retry, "take the lock of", self.url, self._acquire, run_id, token, window)
         self.run_id, self.token, self.stale_after_s = run_id, token, window
@@ -178,14 +181,12 @@ class StoreLock:
             self._versions.delete(found[1])
 
 
-def versioned_file(fs: fsspec.AbstractFileSystem, path: str, url: str):
+def versioned_file(fs: fsspec.AbstractFileSystem, path: str):
     """Conditional writes of one file, by what the filesystem supports (S3 ETags, local links and locks, or none)."""
     if isinstance(fs, LocalFileSystem):
         return _LocalFile(path)
     if "s3" in _protocols(fs) and hasattr(fs, "call_s3"):
         return _S3Object(fs, path)
-    logger.warning("store %s: %s storage has no conditional writes here; two jobs started at the same moment may "
-                   "both take its lock", url, _protocols(fs)[0])
     return _PlainFile(fs, path)
 
 

@@ -13,6 +13,7 @@ import zarr
 
 from featup.errors import ConfigError
 from pipeline.store.features import STORE_FORMAT, ArraySpec, FeatureStore
+from pipeline.store.index import build_index_table
 from pipeline.store.reader import open_features
 from pipeline.store.summary import store_summary
 from tests.helpers import store as sh
@@ -134,3 +135,16 @@ def test_a_store_of_a_newer_format_is_refused_by_name(tmp_path):
         json.dump(meta, f)
     with pytest.raises(Exception, match="got format 9 .*newer featup"):
         FeatureStore.open(url, mode="r")
+
+
+def test_the_reader_serves_no_error_row_and_keeps_orientations(tmp_path):
+    url = str(tmp_path / "s.zarr")
+    store = _full_store(url, None)  # row 2 repeats key "dog": an error row
+    store.commit_shard(0, build_index_table([{"row": 0, "shard": "a.tar", "key": "cat", "width": 8, "height": 6,
+                                              "status": "ok", "orientation": 6},
+                                             {"row": 1, "shard": "a.tar", "key": "dog", "width": 8, "height": 6,
+                                              "status": "ok"}]))
+    reader = open_features(url)
+    assert reader.rows.tolist() == [0, 1, 3] and reader.keys == ["cat", "dog", "eel"]
+    assert reader.index["orientation"].to_pylist() == [6, 0, 0, 0]
+    store.release_lock()

@@ -196,10 +196,11 @@ def test_eight_jobs_started_together_get_one_lock(location, tmp_path):
 
 def test_a_filesystem_without_conditional_writes_warns_and_locks_as_before(caplog):
     url = f"memory://lock-{time.time_ns()}/store.zarr"
+    store = _create(url, None)
     with caplog.at_level(logging.WARNING, logger="pipeline.store.lock"):
-        store = _create(url, None)
-    assert any("no conditional writes" in r.getMessage() and "may both take its lock" in r.getMessage() for r in caplog.records)
-    store.acquire_lock("run-a")
+        store.acquire_lock("run-a")
+    assert any("memory storage has no conditional writes" in r.getMessage() and "may both take its lock" in r.getMessage()
+               for r in caplog.records)
     with pytest.raises(StoreLockedError, match="run run-a"):
         FeatureStore.open(url).acquire_lock("run-b")
     store.heartbeat()
