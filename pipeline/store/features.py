@@ -1,11 +1,8 @@
-"""The feature store: a Zarr v3 group (local path or fsspec URL) with Parquet index files, commit markers, a report and a lock.
+"""The feature store: a Zarr v3 group (local path or fsspec URL) with the sample keys, Parquet index files, commit
+markers, a report and a lock (where each lives: ``pipeline/store/layout.py``).
 
-Layout under the store root (a folder or an object-store prefix)::
-
-    zarr.json, <array>/...          the Zarr group and its arrays, one sample per chunk (one writer per object)
-    index/shard-000003.parquet      index rows of shard 3 (written first)
-    commits/shard-000003.json       commit marker of shard 3 (written last: a marker never exists without its index)
-    report.json, lock.json          the run report and the lock of the run writing the store
+Every operation on storage goes through the store's RetryPolicy (``retry=`` of ``create``/``open``/``exists``):
+transient faults are retried within its budget, then raise TransientIOError; access denied is a one-line error.
 """
 
 from __future__ import annotations
@@ -14,9 +11,6 @@ import json
 import logging
 import os
 import re
-import socket
-import time
-import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Sequence
@@ -28,23 +22,27 @@ import pyarrow.parquet as pq
 import zarr
 from fsspec.implementations.local import LocalFileSystem
 
-from featup.errors import ConfigError, FeatUpError, InputError
-from pipeline.runtime.storage import put_atomic, write_temp
+from featup.errors import ConfigError, InputError
+from pipeline.runtime.retry import RetryPolicy, is_transient
+from pipeline.runtime.storage import put_atomic
+from pipeline.store.access import retry_policy, store_call
 from pipeline.store.index import check_index_table, concat_index_tables, empty_index_table
+from pipeline.store.layout import (KEYS_ARRAY, LAYOUTS, SIDE_GROUP, STORE_FORMAT, Layout, create_side_group, layout_for,
+                                   refuse_resume)
+from pipeline.store.lock import (HEARTBEAT_S, MIN_STALE_S, StoreLock, StoreLockedError, locked_error, read_lock,
+                                 stale_reason)
+
+__all__ = ["ArraySpec", "FeatureStore", "StoreLockedError", "STORE_FORMAT", "ZSTD_LEVEL", "check_compatible"]
 
 logger = logging.getLogger(__name__)
 
-STORE_FORMAT = 1
 # zstd level 1: float16 feature maps compress about 1.09x at level 1 and at level 3 alike, and level 1
 # takes about half the CPU time, which on a CPU actor is taken from the model.
 ZSTD_LEVEL = 1
 ROW_DIM = "sample"
-RESERVED_NAMES = ("index", "commits", "report.json", "lock.json", "zarr.json")
+KEY_CHUNK = 1 << 16  # sample keys per chunk of the ``sample`` coordinate (written once, at creation)
+RESERVED_NAMES = ("index", "commits", "report.json", "lock.json", "zarr.json", KEYS_ARRAY, SIDE_GROUP)
 _COMMIT_NAME = re.compile(r"^shard-(\d+)\.json$")
-
-
-class StoreLockedError(FeatUpError):
-    """Another live run holds the store's lock (or took it over from this run)."""
 
 
 @dataclass(frozen=True)
@@ -61,49 +59,66 @@ class ArraySpec:
 class FeatureStore:
     """Rows of per-sample arrays in Zarr plus the committed-shard index; every stored object has exactly one writer."""
 
-    def __init__(self, url: str, fs: fsspec.AbstractFileSystem, root: str, group: zarr.Group,
-                 storage_options: dict | None, mode: str):
+    def __init__(self, url: str, fs: fsspec.AbstractFileSystem, root: str, group: zarr.Group, storage_options: dict | None,
+                 mode: str, retry: RetryPolicy | None = None, layout: Layout = LAYOUTS[STORE_FORMAT]):
         self.url, self.fs, self.root, self.group = url, fs, root.rstrip("/"), group
         self.storage_options, self.mode = storage_options, mode
+        self.retry, self.layout = retry_policy(retry), layout
         self._arrays: dict[str, zarr.Array] = {}
-        self._run_id: str | None = None
-        self._stale_after_s = 60.0
+        self._lock = StoreLock(fs, self._path("lock.json"), url, self.retry)
 
     @classmethod
     def create(cls, url: str, *, num_rows: int, arrays: Sequence[ArraySpec], attrs: dict,
-               storage_options: dict | None = None, overwrite: bool = False) -> FeatureStore:
-        """Creates a new store (``overwrite`` first deletes an existing FeatUp store there) with empty, zero-filled arrays."""
+               storage_options: dict | None = None, overwrite: bool = False, keys: Sequence[str] | None = None,
+               retry: RetryPolicy | None = None) -> FeatureStore:
+        """Creates a new store (``overwrite`` first deletes an existing FeatUp store there) with empty, zero-filled arrays
+        and the sample key of every row (``keys``; duplicates allowed, "" where unknown) as the ``sample`` coordinate."""
         layouts = _check_specs(arrays, num_rows)
         _check_json("store attributes", attrs)
+        key_values = _check_keys(keys, num_rows)
+        retry = retry_policy(retry)
         fs, root = _resolve(url, storage_options)
-        _clear_location(url, fs, root, overwrite)
-        group_attrs = {"featup": attrs, "featup_store": {"format": STORE_FORMAT, "num_rows": num_rows, "arrays": list(layouts)}}
-        group = zarr.open_group(_zarr_store(url, fs, root, storage_options, read_only=False), mode="w-", attributes=group_attrs)
-        for name, (spec, dims) in layouts.items():
-            # One sample per chunk: every stored object has one writer, and any row can be redone alone.
-            group.create_array(name, shape=(num_rows, *spec.shape_per_row), chunks=(1, *spec.shape_per_row), dtype=spec.dtype,
-                               compressors=zarr.codecs.ZstdCodec(level=ZSTD_LEVEL), dimension_names=dims, fill_value=0)
-        return cls(url, fs, root, group, storage_options, "r+")
+        _clear_location(url, fs, root, overwrite, retry)
+        group_attrs = {"featup": attrs, "featup_store": {"format": STORE_FORMAT, "num_rows": num_rows, "arrays": list(layouts),
+                                                         "keys": KEYS_ARRAY, "side_files": SIDE_GROUP}}
+        group = store_call(retry, "create the store at", url, _create_group, url, fs, root, storage_options, group_attrs,
+                           layouts, key_values)
+        return cls(url, fs, root, group, storage_options, "r+", retry)
 
     @classmethod
-    def open(cls, url: str, storage_options: dict | None = None, mode: str = "r+") -> FeatureStore:
-        """Opens an existing store for reading (``"r"``) or for writing rows and commits (``"r+"``)."""
+    def open(cls, url: str, storage_options: dict | None = None, mode: str = "r+", *,
+             retry: RetryPolicy | None = None) -> FeatureStore:
+        """Opens an existing store for reading (``"r"``, any known format) or for writing rows and commits (``"r+"``,
+        this version's format only: an older store is refused with what to do instead)."""
         if mode not in ("r", "r+"):
             raise ConfigError(f"store mode: expected 'r' or 'r+', got {mode!r}")
+        retry = retry_policy(retry)
         fs, root = _resolve(url, storage_options)
-        if not _is_featup_store(fs, root):
+        writing = mode == "r+"
+        meta = store_call(retry, "open the store at", url, _store_meta, fs, root, writing=writing)
+        if meta is None:
             raise InputError(f"store {url}: expected a FeatUp feature store, got no store there")
-        group = zarr.open_group(_zarr_store(url, fs, root, storage_options, read_only=mode == "r"), mode=mode)
-        return cls(url, fs, root, group, storage_options, mode)
+        store_format = meta["attributes"]["featup_store"].get("format")
+        layout = layout_for(store_format, url)
+        if writing and layout.format != STORE_FORMAT:
+            raise ConfigError(refuse_resume(url, store_format))
+        group = store_call(retry, "open the store at", url, _open_group, url, fs, root, storage_options, mode, writing=writing)
+        return cls(url, fs, root, group, storage_options, mode, retry, layout)
 
     @staticmethod
-    def exists(url: str, storage_options: dict | None = None) -> bool:
-        """Whether a FeatUp store is at ``url`` (what decides between resuming and creating)."""
-        return _is_featup_store(*_resolve(url, storage_options))
+    def exists(url: str, storage_options: dict | None = None, *, retry: RetryPolicy | None = None) -> bool:
+        """Whether a FeatUp store (of any format) is at ``url`` (what decides between resuming and creating)."""
+        fs, root = _resolve(url, storage_options)
+        return store_call(retry_policy(retry), "look for a store at", url, _store_meta, fs, root) is not None
 
     def __reduce__(self):
         """Pickles as a reopen of the same URL (a Ray actor gets its own connection; a held lock is not carried)."""
-        return (FeatureStore.open, (self.url, self.storage_options, self.mode))
+        return (_reopen, (self.url, self.storage_options, self.mode, self.retry))
+
+    @property
+    def format(self) -> int:
+        """The store format (2 for stores of this version, 1 for older ones, opened read-only)."""
+        return self.layout.format
 
     @property
     def attrs(self) -> dict:
@@ -117,7 +132,7 @@ class FeatureStore:
 
     @property
     def array_names(self) -> tuple[str, ...]:
-        """Names of the stored arrays, in creation order."""
+        """Names of the stored arrays, in creation order (the ``sample`` key coordinate is not among them)."""
         return tuple(self.group.attrs["featup_store"]["arrays"])
 
     def array(self, name: str) -> zarr.Array:
@@ -125,8 +140,15 @@ class FeatureStore:
         if name not in self._arrays:
             if name not in self.array_names:
                 raise ConfigError(f"store array: expected one of {list(self.array_names)}, got {name!r}")
-            self._arrays[name] = self.group[name]
+            self._arrays[name] = self._call("open the array", f"{self.url}/{name}", self.group.__getitem__, name)
         return self._arrays[name]
+
+    def sample_keys(self) -> list[str]:
+        """The key of every row as written at creation (the ``sample`` coordinate; format-1 stores have none: [])."""
+        if self.layout.format < 2:
+            return []
+        keys = self._call("read the sample keys of", self.url, lambda: self.group[KEYS_ARRAY][:], writing=False)
+        return [str(k) for k in keys.tolist()]
 
     def write_rows(self, start: int, arrays: dict[str, np.ndarray]) -> None:
         """Writes rows ``[start, start + n)`` of each named array (one chunk per row, so rows of other writers are untouched)."""
@@ -139,7 +161,9 @@ class FeatureStore:
         if start < 0 or start + n > self.num_rows:
             raise InputError(f"rows to write: expected rows within [0, {self.num_rows}), got rows [{start}, {start + n})")
         for name, value in prepared.items():
-            self.array(name)[start : start + n] = value
+            # A whole-row write is idempotent (one chunk per row): after a fault it is simply done again.
+            self._call(f"write rows [{start}, {start + n}) of", f"{self.url}/{name}", self.array(name).__setitem__,
+                       slice(start, start + n), value)
 
     def _prepare_rows(self, name: str, value: np.ndarray) -> np.ndarray:
         """The rows as an array of the stored dtype, after checking the per-row shape and that the cast loses nothing."""
@@ -156,14 +180,18 @@ class FeatureStore:
         table = check_index_table(table, self.num_rows)
         buf = pa.BufferOutputStream()
         pq.write_table(table, buf, compression="zstd")
-        put_atomic(self.fs, self._path(_index_name(shard_index)), buf.getvalue().to_pybytes())
+        index_path, marker_path = self._path(self.layout.index_name(shard_index)), self._path(self.layout.commit_name(shard_index))
+        self._call(f"commit shard {shard_index}: write", index_path, put_atomic, self.fs, index_path, buf.getvalue().to_pybytes())
         errors = sum(s == "error" for s in table["status"].to_pylist())
         marker = {"shard_index": shard_index, "num_samples": table.num_rows, "ok": table.num_rows - errors, "errors": errors,
-                  "index_file": _index_name(shard_index), "committed_at": datetime.now(timezone.utc).isoformat()}
-        put_atomic(self.fs, self._path(_commit_name(shard_index)), _json_bytes(marker))
+                  "index_file": self.layout.index_name(shard_index), "committed_at": datetime.now(timezone.utc).isoformat()}
+        self._call(f"commit shard {shard_index}: write", marker_path, put_atomic, self.fs, marker_path, _json_bytes(marker))
 
     def committed_shards(self) -> set[int]:
         """Indexes of the shards whose commit marker exists."""
+        return self._call("list the commit markers of", self.url, self._list_commits, writing=False)
+
+    def _list_commits(self) -> set[int]:
         folder = self._path("commits")
         self.fs.invalidate_cache(folder)
         try:
@@ -174,83 +202,84 @@ class FeatureStore:
         return {int(m.group(1)) for m in matches if m}
 
     def read_index(self) -> pa.Table:
-        """The index rows of all committed shards, sorted by row (index files of uncommitted shards are ignored)."""
-        paths = [self._path(_index_name(i)) for i in sorted(self.committed_shards())]
+        """The index rows of all committed shards, sorted by row (index files of uncommitted shards are ignored;
+        format-1 index files, which have no ``orientation``, read with orientation 0)."""
+        paths = [self._path(self.layout.index_name(i)) for i in sorted(self.committed_shards())]
         if not paths:
             return empty_index_table()
-        contents = self.fs.cat(paths, on_error="return")
+        contents = self._call("read the index files of", self.url, self._cat_index_files, paths, writing=False)
         missing = [p for p, data in contents.items() if isinstance(data, Exception)]
         if missing or len(contents) != len(paths):
             raise InputError(f"store {self.url}: expected an index file for every commit marker, got none at {missing or paths}")
         return concat_index_tables([pq.read_table(pa.BufferReader(data)) for data in contents.values()])
 
+    def _cat_index_files(self, paths: list[str]) -> dict[str, Any]:
+        """Every index file's bytes (or the error of a missing one); a transient error of any file is raised, to retry."""
+        contents = self.fs.cat(paths, on_error="return")
+        for data in contents.values():
+            if isinstance(data, Exception) and (is_transient(data) or isinstance(data, PermissionError)):
+                raise data
+        return contents
+
     @property
     def report_url(self) -> str:
-        """Where the run report is (``report.json`` at the store's root)."""
-        return f"{self.url.rstrip('/')}/report.json"
+        """Where the run report is (``_featup/run/report.json`` under the store's root; ``report.json`` in format 1)."""
+        return f"{self.url.rstrip('/')}/{self.layout.relative('report.json')}"
 
     def write_report(self, report: dict) -> None:
-        """Writes the run report as ``report.json`` (replacing the previous run's)."""
+        """Writes the run report (replacing the previous run's)."""
         self._require_writable()
         _check_json("run report", report)
-        put_atomic(self.fs, self._path("report.json"), _json_bytes(report))
+        path = self._path("report.json")
+        self._call("write the run report", path, put_atomic, self.fs, path, _json_bytes(report))
 
     def read_report(self) -> dict | None:
         """The last run report, or None when no run has finished writing one."""
-        try:
-            return json.loads(self.fs.cat_file(self._path("report.json")))
-        except FileNotFoundError:
-            return None
+        def read() -> dict | None:
+            try:
+                return json.loads(self.fs.cat_file(self._path("report.json")))
+            except FileNotFoundError:
+                return None
 
-    def acquire_lock(self, run_id: str, stale_after_s: float = 60) -> dict | None:
-        """Takes the lock for ``run_id``, refusing while another run's is live; returns the stale lock it took over, if any."""
+        return self._call("read the run report of", self.url, read, writing=False)
+
+    def acquire_lock(self, run_id: str, stale_after_s: float = MIN_STALE_S, *, heartbeat_s: float = HEARTBEAT_S) -> dict | None:
+        """Takes the lock for ``run_id``, refusing while another run's is live; returns the stale lock it took over, if any.
+
+        The lock records its staleness window: at least ``stale_after_s``, and longer than this store's retry budget plus
+        three heartbeats of ``heartbeat_s`` (the caller's interval), so an outage this run rides out never frees its lock.
+        """
         self._require_writable()
-        path = self._path("lock.json")
-        current = _read_lock(self.fs, path)
-        taken_over = None
-        if current is not None and current.get("run_id") != run_id:
-            reason = _stale_reason(current, stale_after_s)
-            if reason is None:
-                raise _locked_error(self.url, current, stale_after_s)
-            logger.warning("store %s: taking over the lock of run %s (%s)", self.url, current.get("run_id"), reason)
-            taken_over = {**current, "stale_reason": reason}
-        payload = _json_bytes(_lock_payload(run_id))
-        if current is None and not _put_exclusive(self.fs, path, payload):
-            raise _locked_error(self.url, _read_lock(self.fs, path) or {}, stale_after_s)
-        if current is not None:
-            put_atomic(self.fs, path, payload)
-        self._run_id, self._stale_after_s = run_id, stale_after_s
-        self._check_lock_owner()  # read back: of two runs racing for the lock, the one whose write landed last wins
-        return taken_over
+        return self._lock.acquire(run_id, stale_after_s, heartbeat_s)
 
     def heartbeat(self) -> None:
-        """Refreshes this run's lock; raises StoreLockedError if another run took it over meanwhile."""
-        lock = self._check_lock_owner()
-        put_atomic(self.fs, self._path("lock.json"), _json_bytes(_lock_payload(self._run_id, lock.get("acquired"))))
+        """Refreshes this run's lock (riding out transient faults); raises StoreLockedError if another run took it over."""
+        self._lock.heartbeat()
 
     def release_lock(self) -> None:
         """Removes this run's lock (a lock owned by another run is left alone)."""
-        lock = _read_lock(self.fs, self._path("lock.json"))
-        if self._run_id is not None and lock is not None and lock.get("run_id") == self._run_id:
-            self.fs.rm_file(self._path("lock.json"))
-        self._run_id = None
+        self._lock.release()
 
-    def _check_lock_owner(self) -> dict:
-        """The lock, after checking that this run still owns it."""
-        if self._run_id is None:
-            raise ConfigError(f"store {self.url} lock: expected acquire_lock before heartbeat, got no lock held")
-        lock = _read_lock(self.fs, self._path("lock.json"))
-        if lock is None or lock.get("run_id") != self._run_id:
-            self._run_id = None
-            raise _locked_error(self.url, lock or {"run_id": "<none: the lock was removed>"}, self._stale_after_s)
-        return lock
+    def lock_holder(self) -> str | None:
+        """The run id of whoever holds the lock now (None without a lock): what a worker checks before it commits."""
+        lock = self._lock.current()
+        return None if lock is None else lock.get("run_id")
+
+    @property
+    def lock_stale_after_s(self) -> float:
+        """The staleness window this store's lock records (that of the lock this handle holds, once acquired)."""
+        return self._lock.stale_after_s
+
+    def _call(self, operation: str, target: str, fn, *args, writing: bool = True):
+        return store_call(self.retry, operation, target, fn, *args, writing=writing and self.mode == "r+")
 
     def _require_writable(self) -> None:
         if self.mode != "r+":
             raise ConfigError(f"store {self.url}: expected a store opened with mode 'r+' to write, got mode {self.mode!r}")
 
     def _path(self, name: str) -> str:
-        return f"{self.root}/{name}"
+        """The path of ``name`` under the root; side files by their format-1 names (``lock.json``, ``commits``...)."""
+        return f"{self.root}/{self.layout.relative(name)}"
 
 
 def check_compatible(existing_attrs: dict, new_attrs: dict, keys: Sequence[str]) -> None:
@@ -313,6 +342,47 @@ def _cast_lossless(value: np.ndarray, dtype: np.dtype, name: str) -> np.ndarray:
             return value.astype(dtype)
     raise InputError(f"array {name} rows: expected values that fit {dtype}, got {value.dtype} values")
 
+def _reopen(url: str, storage_options: dict | None, mode: str, retry: RetryPolicy) -> FeatureStore:
+    return FeatureStore.open(url, storage_options, mode, retry=retry)
+
+
+def _check_keys(keys: Sequence[str] | None, num_rows: int) -> np.ndarray:
+    """The sample keys as a string array of ``num_rows`` ("" for every row when not given)."""
+    if keys is None:
+        return np.full(num_rows, "", dtype=object)
+    if isinstance(keys, str) or len(keys) != num_rows or not all(isinstance(k, str) for k in keys):
+        got = f"a string" if isinstance(keys, str) else f"{len(keys)} values of types {sorted({type(k).__name__ for k in keys})}"
+        raise ConfigError(f"store keys: expected {num_rows} strings (one per row), got {got}")
+    return np.asarray(list(keys), dtype=object)
+
+
+def _create_group(url: str, fs: fsspec.AbstractFileSystem, root: str, storage_options: dict | None, attrs: dict,
+                  layouts: dict, keys: np.ndarray) -> zarr.Group:
+    """The new group with its arrays, the ``sample`` key coordinate and the side-file sub-group; safe to run again after
+    a fault (a group found there with these very attributes is ours, written before the answer was lost)."""
+    store = _zarr_store(url, fs, root, storage_options, read_only=False)
+    try:
+        group = zarr.open_group(store, mode="w-", attributes=attrs)
+    except zarr.errors.ContainsGroupError:
+        group = zarr.open_group(store, mode="r+")
+        if dict(group.attrs) != _json_roundtrip(attrs):
+            raise ConfigError(f"output {url}: expected a new location, got a store another job created at the same moment") from None
+    for name, (spec, dims) in layouts.items():
+        # One sample per chunk: every stored object has one writer, and any row can be redone alone.
+        group.create_array(name, shape=(len(keys), *spec.shape_per_row), chunks=(1, *spec.shape_per_row), dtype=spec.dtype,
+                           compressors=zarr.codecs.ZstdCodec(level=ZSTD_LEVEL), dimension_names=dims, fill_value=0,
+                           overwrite=True)
+    coordinate = group.create_array(KEYS_ARRAY, shape=(len(keys),), chunks=(max(1, min(len(keys), KEY_CHUNK)),), dtype=str,
+                                    dimension_names=(ROW_DIM,), fill_value="", overwrite=True)
+    if len(keys):
+        coordinate[:] = keys
+    create_side_group(group)
+    return group
+
+
+def _open_group(url: str, fs: fsspec.AbstractFileSystem, root: str, storage_options: dict | None, mode: str) -> zarr.Group:
+    return zarr.open_group(_zarr_store(url, fs, root, storage_options, read_only=mode == "r"), mode=mode)
+
 
 def _resolve(url: str, storage_options: dict | None) -> tuple[fsspec.AbstractFileSystem, str]:
     """The filesystem and root path of a local path or fsspec URL."""
@@ -327,109 +397,46 @@ def _zarr_store(url: str, fs: fsspec.AbstractFileSystem, root: str, storage_opti
     return zarr.storage.FsspecStore.from_url(url, storage_options=storage_options, read_only=read_only)
 
 
-def _is_featup_store(fs: fsspec.AbstractFileSystem, root: str) -> bool:
-    """Whether ``root`` holds a Zarr group written by FeatureStore.create."""
+def _store_meta(fs: fsspec.AbstractFileSystem, root: str) -> dict | None:
+    """The root ``zarr.json`` of a Zarr group written by FeatureStore.create (any format), else None."""
     try:
         meta = json.loads(fs.cat_file(f"{root}/zarr.json"))
-    except (FileNotFoundError, NotADirectoryError, json.JSONDecodeError):
-        return False
-    return meta.get("node_type") == "group" and "featup_store" in meta.get("attributes", {})
+    except (FileNotFoundError, NotADirectoryError, IsADirectoryError, json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    attributes = meta.get("attributes") if isinstance(meta, dict) else None
+    if meta.get("node_type") != "group" or not isinstance(attributes, dict) or "featup_store" not in attributes:
+        return None
+    return meta
 
 
-def _clear_location(url: str, fs: fsspec.AbstractFileSystem, root: str, overwrite: bool) -> None:
+def _clear_location(url: str, fs: fsspec.AbstractFileSystem, root: str, overwrite: bool, retry: RetryPolicy) -> None:
     """Frees ``root``: an existing store is deleted only with ``overwrite`` and no live lock; other data never is."""
-    if _is_featup_store(fs, root):
+    meta = store_call(retry, "look for a store at", url, _store_meta, fs, root)
+    if meta is not None:
         if not overwrite:
             raise ConfigError(f"output {url}: expected a new store, got an existing FeatUp store; "
                               "rerun the same command to resume it, or pass --overwrite to start over")
-        lock = _read_lock(fs, f"{root}/lock.json")
-        if lock is not None and _stale_reason(lock, 60) is None:
-            raise _locked_error(url, lock, 60)
-        fs.rm(root, recursive=True)
+        layout = layout_for(meta["attributes"]["featup_store"].get("format"), url)
+        lock = store_call(retry, "read the lock of", url, read_lock, fs, f"{root}/{layout.relative('lock.json')}")
+        if lock is not None and stale_reason(lock, MIN_STALE_S) is None:
+            raise locked_error(url, lock, MIN_STALE_S)
+        store_call(retry, "delete the store at", url, _remove, fs, root)
         return
-    fs.invalidate_cache(root)
-    if fs.isfile(root) or (fs.isdir(root) and fs.ls(root, detail=False)):
+    if store_call(retry, "look at the output", url, _holds_data, fs, root):
         raise ConfigError(f"output {url}: expected a new or empty location or a FeatUp store, "
                           "got other data there (nothing was deleted)")
 
 
-def _put_exclusive(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> bool:
-    """Creates ``path`` only if it does not exist (a hard link locally); object stores get one PUT. False if it existed."""
-    if not isinstance(fs, LocalFileSystem):
-        fs.pipe_file(path, data)
-        return True
-    tmp = write_temp(path, data)
+def _remove(fs: fsspec.AbstractFileSystem, root: str) -> None:
     try:
-        os.link(tmp, path)
-        return True
-    except FileExistsError:
-        return False
-    finally:
-        os.unlink(tmp)
-
-
-def _read_lock(fs: fsspec.AbstractFileSystem, path: str) -> dict | None:
-    """The lock's content, None without a lock; an unreadable lock reads as one with no heartbeat (stale)."""
-    try:
-        lock = json.loads(fs.cat_file(path))
-    except FileNotFoundError:
-        return None
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        lock = None
-    return lock if isinstance(lock, dict) else {"run_id": "<unreadable lock>", "heartbeat": 0.0}
-
-
-def _lock_payload(run_id: str, acquired: float | None = None) -> dict:
-    now = time.time()
-    return {"run_id": run_id, "host": socket.gethostname(), "pid": os.getpid(), "pid_namespace": _pid_namespace(),
-            "acquired": acquired or now, "heartbeat": now}
-
-
-def _stale_reason(lock: dict, stale_after_s: float) -> str | None:
-    """Why the lock is stale (no heartbeat for too long, or its process is gone on this host), or None if it is live."""
-    age = time.time() - float(lock.get("heartbeat", 0.0))
-    if age > stale_after_s:
-        return f"no heartbeat for {age:.0f} s"
-    namespace = _pid_namespace()
-    visible = namespace is not None and lock.get("host") == socket.gethostname() and lock.get("pid_namespace") == namespace
-    if visible and not _pid_alive(int(lock.get("pid", -1))):
-        return f"its process {lock.get('pid')} on this host is gone"
-    return None
-
-
-def _locked_error(url: str, lock: dict, stale_after_s: float) -> StoreLockedError:
-    age = time.time() - float(lock.get("heartbeat", time.time()))
-    return StoreLockedError(
-        f"output {url}: expected no other job writing to it, got run {lock.get('run_id')} "
-        f"(host {lock.get('host')}, pid {lock.get('pid')}, last heartbeat {age:.0f} s ago); "
-        f"wait for it to end or stop it (a lock without a heartbeat for {stale_after_s:.0f} s is taken over)"
-    )
-
-
-def _pid_namespace() -> str | None:
-    """This process's PID namespace (Linux), so a PID is only judged dead by a process that can see it."""
-    try:
-        return os.readlink("/proc/self/ns/pid")
-    except OSError:
-        return None
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)  # signal 0: existence check only
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, owned by another user
+        fs.rm(root, recursive=True)
+    except FileNotFoundError:  # a retry after the deletion went through
         pass
-    return pid > 0
 
 
-def _index_name(shard_index: int) -> str:
-    return f"index/shard-{shard_index:06d}.parquet"
-
-
-def _commit_name(shard_index: int) -> str:
-    return f"commits/shard-{shard_index:06d}.json"
+def _holds_data(fs: fsspec.AbstractFileSystem, root: str) -> bool:
+    fs.invalidate_cache(root)
+    return fs.isfile(root) or (fs.isdir(root) and bool(fs.ls(root, detail=False)))
 
 
 def _check_json(what: str, value: dict) -> None:

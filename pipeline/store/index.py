@@ -18,14 +18,17 @@ INDEX_SCHEMA = pa.schema(
         pa.field("height", pa.int32(), nullable=False),
         pa.field("status", pa.string(), nullable=False),  # "ok" or "error"
         pa.field("error", pa.string(), nullable=False),  # the reason of an error, "" when ok
+        pa.field("orientation", pa.int16(), nullable=False),  # EXIF orientation 1-8 of the image, 0 when failed or unknown
     ]
 )
 STATUSES = ("ok", "error")
-_DEFAULTS = {"error": ""}
+ORIENTATIONS = range(0, 9)  # 0: unknown (failed samples, and index files written before the column existed)
+_DEFAULTS = {"error": "", "orientation": 0}
 
 
 def build_index_table(rows: Sequence[dict[str, Any]]) -> pa.Table:
-    """A checked index table (INDEX_SCHEMA) from row dicts; ``error`` may be left out for valid samples."""
+    """A checked index table (INDEX_SCHEMA) from row dicts; ``error`` may be left out for valid samples, ``orientation``
+    (0: unknown) for any."""
     expected = set(INDEX_SCHEMA.names)
     full = []
     for i, row in enumerate(rows):
@@ -43,7 +46,9 @@ def build_index_table(rows: Sequence[dict[str, Any]]) -> pa.Table:
 
 
 def check_index_table(table: pa.Table, num_rows: int | None = None) -> pa.Table:
-    """The table cast to INDEX_SCHEMA after checking that no failed sample is marked valid and rows are unique and in range."""
+    """The table cast to INDEX_SCHEMA after checking that no failed sample is marked valid and rows are unique and in range;
+    a table without ``orientation`` (an older index file) gets orientation 0."""
+    table = with_defaults(table)
     if set(table.column_names) != set(INDEX_SCHEMA.names):
         raise InputError(f"index table: expected the columns {INDEX_SCHEMA.names}, got {table.column_names}")
     try:
@@ -52,7 +57,24 @@ def check_index_table(table: pa.Table, num_rows: int | None = None) -> pa.Table:
         raise InputError(f"index table: expected columns castable to INDEX_SCHEMA, got {e}") from None
     _check_statuses(table)
     _check_rows(table, num_rows)
+    _check_orientations(table)
     return table
+
+
+def with_defaults(table: pa.Table) -> pa.Table:
+    """``table`` with the columns added after format 1 (``orientation``) filled with their default where missing."""
+    if "orientation" not in table.column_names:
+        table = table.append_column(INDEX_SCHEMA.field("orientation"), pa.array([0] * table.num_rows, pa.int16()))
+    return table
+
+
+def _check_orientations(table: pa.Table) -> None:
+    """Orientations are EXIF's 1-8, or 0 for unknown."""
+    if table.num_rows == 0:
+        return
+    lo, hi = pc.min(table["orientation"]).as_py(), pc.max(table["orientation"]).as_py()
+    if lo < ORIENTATIONS.start or hi >= ORIENTATIONS.stop:
+        raise InputError(f"index column orientation: expected EXIF orientations 1-8 (0: unknown), got values from {lo} to {hi}")
 
 
 def _check_statuses(table: pa.Table) -> None:
@@ -86,7 +108,7 @@ def empty_index_table() -> pa.Table:
 
 
 def concat_index_tables(tables: Sequence[pa.Table]) -> pa.Table:
-    """The union of several shards' index tables, sorted by row."""
+    """The union of several shards' index tables (older ones with orientation 0), sorted by row."""
     if not tables:
         return empty_index_table()
-    return pa.concat_tables([t.cast(INDEX_SCHEMA) for t in tables]).sort_by("row")
+    return pa.concat_tables([with_defaults(t).select(INDEX_SCHEMA.names).cast(INDEX_SCHEMA) for t in tables]).sort_by("row")

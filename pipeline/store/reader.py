@@ -21,6 +21,8 @@ import pyarrow.compute as pc
 import torch
 
 from featup.errors import ConfigError
+from pipeline.runtime.retry import RetryPolicy
+from pipeline.store.access import retry_policy, store_call
 from pipeline.store.features import FeatureStore
 
 CHANNEL_FIRST = ("features", "lowres")  # (C, H, W) per row; every other array is (H, W, ...) per row
@@ -38,23 +40,25 @@ class ReadOptions:
     seed: int = 0  # seeds the crop generator of single-process reading (DataLoader workers use their own seed)
 
 
-def open_features(url: str, **storage_options: Any) -> FeatureReader:
-    """Opens the feature store at ``url`` (local path or fsspec URL) for reading; ``storage_options`` go to fsspec."""
-    return FeatureReader(url, storage_options)
+def open_features(url: str, *, retry: RetryPolicy | None = None, **storage_options: Any) -> FeatureReader:
+    """Opens the feature store at ``url`` (local path or fsspec URL) for reading; ``storage_options`` go to fsspec, and
+    transient faults are retried within ``retry`` (default: a budget of 120 s)."""
+    return FeatureReader(url, storage_options, retry=retry)
 
 
 class FeatureReader:
     """The valid samples of a feature store, by position: ``reader[i]`` is the i-th valid row in row order."""
 
-    def __init__(self, url: str, storage_options: dict | None = None, options: ReadOptions = ReadOptions()) -> None:
-        self.url, self.storage_options = url, dict(storage_options or {})
-        store = FeatureStore.open(url, self.storage_options or None, mode="r")
+    def __init__(self, url: str, storage_options: dict | None = None, options: ReadOptions = ReadOptions(),
+                 retry: RetryPolicy | None = None) -> None:
+        self.url, self.storage_options, self.retry = url, dict(storage_options or {}), retry_policy(retry)
+        store = FeatureStore.open(url, self.storage_options or None, mode="r", retry=self.retry)
         self._store, self._pid = store, os.getpid()
         self._generator: tuple[tuple[int, int], torch.Generator] | None = None
         self.attrs: dict = store.attrs
         self.num_rows: int = store.num_rows
         self.index: pa.Table = store.read_index()  # every committed row, failed ones included, sorted by row
-        ok = self.index.filter(pc.equal(self.index["status"], "ok"))
+        ok = self.index.filter(pc.equal(self.index["status"], "ok"))  # never error rows (failed, duplicate keys)
         self.rows = np.asarray(ok["row"].to_numpy(), dtype=np.int64)  # store row of each valid sample
         self.keys: list[str] = ok["key"].to_pylist()
         self.shapes = {name: (tuple(store.array(name).shape[1:]), np.dtype(store.array(name).dtype))
@@ -102,13 +106,16 @@ class FeatureReader:
         store = self._open()
         out: dict[str, Any] = {"key": self.keys[i], "row": row}
         for name in self.array_names:
-            out[name] = _to_tensor(name, _read(store.array(name), name, row, boxes.get(name), self.options.channels))
+            value = store_call(self.retry, f"read row {row} of", f"{self.url}/{name}", _read, store.array(name), name, row,
+                               boxes.get(name), self.options.channels, writing=False)
+            out[name] = _to_tensor(name, value)
         return out
 
     def _open(self) -> FeatureStore:
         """The store handle of this process, opened on first use after a fork or an unpickle."""
         if self._store is None or self._pid != os.getpid():
-            self._store, self._pid = FeatureStore.open(self.url, self.storage_options or None, mode="r"), os.getpid()
+            self._store = FeatureStore.open(self.url, self.storage_options or None, mode="r", retry=self.retry)
+            self._pid = os.getpid()
         return self._store
 
     def _crop_boxes(self, generator: torch.Generator | None) -> dict[str, tuple[int, int, int, int]]:

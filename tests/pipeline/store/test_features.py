@@ -15,7 +15,9 @@ import zarr
 import pipeline.store.features as store_module
 from featup.errors import ConfigError, InputError
 from pipeline.store.index import build_index_table
+from pipeline.runtime.retry import RetryPolicy
 from pipeline.store.features import ZSTD_LEVEL, ArraySpec, FeatureStore, StoreLockedError, check_compatible
+from pipeline.store.lock import lock_payload
 
 C, H, W, LR = 3, 4, 4, 2
 SPECS = (
@@ -24,7 +26,6 @@ SPECS = (
     ArraySpec("image", (H, W, 3), "uint8", ("y", "x", "rgb")),
 )
 ATTRS = {"backbone": "dino16", "weights": "random", "image_size": [H, W], "dtype": "float16", "channels": None}
-IGNORE_SIDE_FILES = pytest.mark.filterwarnings("ignore:Object at .* is not recognized as a component")
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -89,7 +90,7 @@ def test_layout_is_one_row_per_chunk_with_dimension_names_and_zstd(local_url):
     assert chunk_files == ["3/0/0/0", "4/0/0/0"]  # each written row is its own object: one writer per object
 
 
-@IGNORE_SIDE_FILES
+@pytest.mark.filterwarnings("error")
 def test_plain_zarr_opens_the_store(location):
     url, options = location
     store = _create(url, options)
@@ -98,7 +99,7 @@ def test_plain_zarr_opens_the_store(location):
     store.commit_shard(0, _index(range(5)))
     store.write_report({"samples": 5})
     group = zarr.open_group(url, mode="r", storage_options=options)
-    assert set(group.array_keys()) == {"features", "lowres", "image"}
+    assert set(group.array_keys()) == {"features", "lowres", "image", "sample"}  # format 2: the keys coordinate
     assert group.attrs["featup"] == ATTRS
     np.testing.assert_array_equal(group["features"][:], data["features"].astype(np.float16))
     np.testing.assert_array_equal(group["image"][2], data["image"][2])
@@ -135,7 +136,7 @@ def test_index_file_without_marker_is_not_committed(local_url, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         store.commit_shard(1, _index([2, 3]))
     assert calls == [["index", "shard-000001.parquet"], ["commits", "shard-000001.json"]]  # the marker comes last
-    assert os.path.exists(f"{local_url}/index/shard-000001.parquet")
+    assert os.path.exists(f"{local_url}/_featup/index/shard-000001.parquet")
     assert store.committed_shards() == {0}
     assert store.read_index()["row"].to_pylist() == [0, 1]
 
@@ -157,7 +158,7 @@ def test_marker_never_exists_without_its_index_file(local_url, monkeypatch):
         store.commit_shard(1, build_index_table([{"row": 2, "shard": "x", "key": "k", "width": 1, "height": 1,
                                                   "status": "error", "error": "bad"}]).set_column(5, "status", [["ok"]]))
     assert store.committed_shards() == set()
-    assert not os.path.exists(f"{local_url}/commits")
+    assert not [f for f in os.listdir(f"{local_url}/_featup/commits") if f.startswith("shard-")]
     leftovers = [f for _, _, fs in os.walk(local_url) for f in fs if ".tmp-" in f]
     assert leftovers == []
 
@@ -183,7 +184,8 @@ def test_second_run_is_refused_while_the_lock_is_live(location):
 
 def test_stale_lock_is_taken_over_and_the_old_owner_learns_it(location):
     url, options = location
-    old, new = _create(url, options), FeatureStore.open(url, storage_options=options)
+    # a short retry budget: the old run's lock records the 60 s window (a default budget of 120 s records 150 s)
+    old, new = _create(url, options, retry=RetryPolicy(budget_s=2)), FeatureStore.open(url, storage_options=options)
     old.acquire_lock("run-old")
     lock = json.loads(old.fs.cat_file(old._path("lock.json")))
     old.fs.pipe_file(old._path("lock.json"), json.dumps({**lock, "heartbeat": time.time() - 120}).encode())
@@ -198,7 +200,7 @@ def test_stale_lock_is_taken_over_and_the_old_owner_learns_it(location):
 def test_lock_of_a_dead_process_on_this_host_is_taken_over(local_url):
     store = _create(local_url)
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True)
-    lock = {**store_module._lock_payload("run-killed"), "pid": int(dead.stdout)}  # fresh heartbeat, process gone
+    lock = {**lock_payload("run-killed"), "pid": int(dead.stdout)}  # fresh heartbeat, process gone
     store.fs.pipe_file(store._path("lock.json"), json.dumps(lock).encode())
     taken = store.acquire_lock("run-rerun")
     assert taken["run_id"] == "run-killed" and "gone" in taken["stale_reason"]

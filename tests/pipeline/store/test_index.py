@@ -24,9 +24,9 @@ def test_build_index_table_keeps_values_with_the_schema():
 
 
 def test_schema_columns_are_the_documented_ones():
-    assert INDEX_SCHEMA.names == ["row", "shard", "key", "width", "height", "status", "error"]
+    assert INDEX_SCHEMA.names == ["row", "shard", "key", "width", "height", "status", "error", "orientation"]
     s, i32 = pa.string(), pa.int32()
-    assert [f.type for f in INDEX_SCHEMA] == [pa.int64(), s, s, i32, i32, s, s]
+    assert [f.type for f in INDEX_SCHEMA] == [pa.int64(), s, s, i32, i32, s, s, pa.int16()]
 
 
 @pytest.mark.parametrize(
@@ -71,3 +71,16 @@ def test_concat_index_tables_sorts_by_row_and_empty_has_the_schema():
     assert table["row"].to_pylist() == [1, 2, 3, 5]
     assert table["status"].to_pylist() == ["ok", "error", "ok", "ok"]
     assert concat_index_tables([]).schema == INDEX_SCHEMA and empty_index_table().num_rows == 0
+
+
+def test_orientation_defaults_to_unknown_and_is_checked():
+    table = build_index_table([_row(0, orientation=6), _row(1, "error", "no image")])
+    assert table["orientation"].to_pylist() == [6, 0] and table["orientation"].type == pa.int16()
+    with pytest.raises(InputError, match="orientation: expected EXIF orientations 1-8"):
+        build_index_table([_row(0, orientation=9)])
+
+
+def test_an_index_without_orientation_reads_with_orientation_zero():
+    old = build_index_table([_row(0, orientation=3), _row(1)]).drop_columns(["orientation"])  # a format-1 index file
+    assert check_index_table(old)["orientation"].to_pylist() == [0, 0]
+    assert concat_index_tables([old, build_index_table([_row(2, orientation=8)])])["orientation"].to_pylist() == [0, 0, 8]
