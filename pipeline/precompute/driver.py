@@ -26,10 +26,10 @@ from pipeline.runtime.retry import TransientIOError
 from pipeline.precompute.pool import MAX_START_FAILURES, ActorPool, Slot, first_line
 from pipeline.precompute.config import PrecomputeConfig
 from pipeline.precompute.extract import Projection
-from pipeline.precompute.plan import COMPAT_KEYS, Plan, estimate_bytes, fit_projection, format_plan, make_plan
+from pipeline.precompute.plan import COMPAT_KEYS, Plan, plan_keys, estimate_bytes, fit_projection, format_plan, make_plan
 from pipeline.runtime.progress import ProgressBar, precompute_postfix
 from pipeline.runtime.ray_session import ray_session
-from pipeline.precompute.heartbeat import LockHeartbeat
+from pipeline.precompute.heartbeat import HEARTBEAT_S, LockHeartbeat
 from pipeline.precompute.report import format_run_summary, summarize_reasons
 from pipeline.precompute.worker import ShardResult, ShardTask
 
@@ -80,9 +80,9 @@ def open_store(plan: Plan, run_id: str, err: TextIO):
 
     c = plan.config
     options = c.output_location.options
-    if FeatureStore.exists(c.output, options) and not c.overwrite:
-        store = FeatureStore.open(c.output, options)
-        store.acquire_lock(run_id)  # refuses while another job runs, before anything is read or written
+    if FeatureStore.exists(c.output, options, retry=c.retry) and not c.overwrite:
+        store = FeatureStore.open(c.output, options, retry=c.retry)
+        store.acquire_lock(run_id, heartbeat_s=HEARTBEAT_S)  # refuses while another job runs, before anything is read or written
         try:
             check_compatible(store.attrs, plan.attrs, COMPAT_KEYS)
         except Exception:
@@ -99,9 +99,10 @@ def open_store(plan: Plan, run_id: str, err: TextIO):
     projection = fit_projection(plan) if c.channels else None
     attrs = {**plan.attrs, "pca": projection.to_attrs() if projection else None}
     store = FeatureStore.create(
-        c.output, num_rows=plan.num_rows, arrays=plan.arrays, attrs=attrs, storage_options=options, overwrite=c.overwrite
+        c.output, num_rows=plan.num_rows, arrays=plan.arrays, attrs=attrs, storage_options=options, overwrite=c.overwrite,
+        keys=plan_keys(plan), retry=c.retry
     )
-    store.acquire_lock(run_id)
+    store.acquire_lock(run_id, heartbeat_s=HEARTBEAT_S)
     return store, set(), projection, True
 
 
@@ -111,9 +112,9 @@ def _existing_commits(plan: Plan) -> set[int] | None:
 
     c = plan.config
     options = c.output_location.options
-    if c.overwrite or not FeatureStore.exists(c.output, options):
+    if c.overwrite or not FeatureStore.exists(c.output, options, retry=c.retry):
         return None
-    store = FeatureStore.open(c.output, options, mode="r")
+    store = FeatureStore.open(c.output, options, mode="r", retry=c.retry)
     check_compatible(store.attrs, plan.attrs, COMPAT_KEYS)
     return store.committed_shards()
 

@@ -72,6 +72,11 @@ def make_plan(config: PrecomputeConfig, command_line: Sequence[str] = ()) -> Pla
     return plan
 
 
+def plan_keys(plan: Plan) -> list[str]:
+    """Every row's sample key in row order (a broken shard's placeholder row has the empty key)."""
+    return [key for shard in plan.shards for key in shard.keys]
+
+
 def find_duplicates(shards: Sequence[Any]) -> dict[int, dict[int, str]]:
     """The second and later occurrences of every key, in input order, as error reasons naming the first shard.
 

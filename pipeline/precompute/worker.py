@@ -6,7 +6,6 @@ straight into the store from here; only a small ``ShardResult`` goes back to the
 
 from __future__ import annotations
 
-import json
 import os
 import queue
 import socket
@@ -105,7 +104,7 @@ class ShardWorker:
         if self._store is None:
             from pipeline.store.features import FeatureStore
 
-            self._store = FeatureStore.open(self.config.output_location.url, self.config.output_location.options)
+            self._store = FeatureStore.open(self.config.output_location.url, self.config.output_location.options, retry=self.config.retry)
         return self._store
 
     def process_shard(self, task: ShardTask) -> ShardResult:
@@ -152,10 +151,7 @@ class ShardWorker:
 
         if self.run_id is None:
             return
-        try:
-            holder = json.loads(store.fs.cat_file(f"{store.root}/lock.json")).get("run_id")
-        except (FileNotFoundError, ValueError):
-            holder = None
+        holder = store.lock_holder()
         if holder != self.run_id:
             raise StoreLockedError(f"store {store.url}: expected the lock of run {self.run_id} to commit, got run {holder}")
 

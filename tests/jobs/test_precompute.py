@@ -62,7 +62,7 @@ def test_an_incompatible_store_is_refused_naming_the_differences_and_overwrite_s
     assert first["backbone_weights"] == "random" and first["featup_version"] and first["created_at"] and first["pca"] is None
     summary = capsys.readouterr().out  # the end of the run on screen: a summary, the whole report stays in report.json
     assert summary.startswith("featup precompute: complete in ") and "20 ok, 0 failed of 20" in summary
-    assert "images/s" in summary and f"store     {out}" in summary and f"report    {out}/report.json" in summary
+    assert "images/s" in summary and f"store     {out}" in summary and f"report    {out}/_featup/run/report.json" in summary
     assert "{" not in summary
 
     assert _cli(env["pattern"], "--output", out, *TINY, "--dtype", "float16", "--upsampler", "bilinear") == 2
@@ -101,17 +101,17 @@ def test_driver_killed_mid_run_then_the_rerun_finishes_it(env, tmp_path, capsys)
         )
     try:
         try:
-            helpers.wait_for(lambda: (out / "lock.json").exists() or driver.poll() is not None, 90, "the job's lock")
+            helpers.wait_for(lambda: (out / "_featup" / "run" / "lock.json").exists() or driver.poll() is not None, 90, "the job's lock")
             assert driver.poll() is None, log.read_text()
             assert _cli(*args) == 2  # a second job on the same store is refused while the first runs
             assert "expected no other job writing to it" in capsys.readouterr().err
-            helpers.wait_for(lambda: list((out / "commits").glob("*.json")) or driver.poll() is not None, 90, "a first commit")
+            helpers.wait_for(lambda: list((out / "_featup" / "commits").glob("*.json")) or driver.poll() is not None, 90, "a first commit")
             assert driver.poll() is None, "the job finished before it could be killed"
             os.kill(driver.pid, signal.SIGKILL)
             driver.wait(10)
         finally:
             env["flag"].unlink()
-        committed = len(list((out / "commits").glob("*.json")))
+        committed = len(list((out / "_featup" / "commits").glob("*.json")))
         assert 1 <= committed < 4
 
         assert _cli(*args) == 0  # the rerun takes over the dead driver's lock and computes the rest

@@ -78,9 +78,9 @@ def test_rerun_computes_only_uncommitted_shards(env, reference, tmp_path):
     config = helpers.tiny_config(env["shards"], tmp_path / "partial.zarr")
     helpers.reference_store(config)
     store = FeatureStore.open(config.output)
-    markers = {i: store.fs.cat_file(f"{store.root}/commits/shard-{i:06d}.json") for i in (0, 2)}
+    markers = {i: store.fs.cat_file(f"{store.root}/_featup/commits/shard-{i:06d}.json") for i in (0, 2)}
     for i in (1, 3):  # as if the job died while computing shards 1 and 3: uncommitted, rows half-written
-        store.fs.rm_file(f"{store.root}/commits/shard-{i:06d}.json")
+        store.fs.rm_file(f"{store.root}/_featup/commits/shard-{i:06d}.json")
         store.write_rows(i * PER_SHARD, {"features": store.array("features")[0:2] + 7.0})
 
     code, report, err = _run(config)
@@ -88,7 +88,7 @@ def test_rerun_computes_only_uncommitted_shards(env, reference, tmp_path):
     assert "2 of 4 shards already committed and skipped, 2 to compute" in err
     assert report["shards"]["skipped_committed"] == 2 and report["shards"]["computed"] == 2
     assert report["samples"]["computed"] == 2 * PER_SHARD
-    assert {i: store.fs.cat_file(f"{store.root}/commits/shard-{i:06d}.json") for i in (0, 2)} == markers  # not redone
+    assert {i: store.fs.cat_file(f"{store.root}/_featup/commits/shard-{i:06d}.json") for i in (0, 2)} == markers  # not redone
     helpers.assert_same_store(reference, config.output, same_urls=True)
 
 
@@ -119,7 +119,7 @@ def test_a_second_job_on_a_store_in_use_is_refused(env, reference, tmp_path):
     outcome = {}
     try:
         thread = _run_in_thread(config, outcome)
-        helpers.wait_for(lambda: (tmp_path / "busy.zarr" / "lock.json").exists(), 60, "the first job's lock")
+        helpers.wait_for(lambda: (tmp_path / "busy.zarr" / "_featup" / "run" / "lock.json").exists(), 60, "the first job's lock")
         with pytest.raises(StoreLockedError, match="expected no other job writing to it"):
             run_precompute(config, out=io.StringIO(), err=io.StringIO())
         with pytest.raises(StoreLockedError):
@@ -130,7 +130,7 @@ def test_a_second_job_on_a_store_in_use_is_refused(env, reference, tmp_path):
     assert "error" not in outcome, outcome.get("error")
     assert outcome["result"][0] == 0  # the first job was not disturbed
     helpers.assert_same_store(reference, config.output, same_urls=True)
-    assert not (tmp_path / "busy.zarr" / "lock.json").exists()  # released at the end
+    assert not (tmp_path / "busy.zarr" / "_featup" / "run" / "lock.json").exists()  # released at the end
 
 
 def test_bad_inputs_are_recorded_and_the_job_goes_on(env, tmp_path):
@@ -220,7 +220,7 @@ def test_the_lock_is_renewed_from_the_moment_it_is_taken(tmp_path):
     coordinate_store(url)
     store = FeatureStore.open(url)
     store.acquire_lock("run-1")
-    lock_path = Path(store.root) / "lock.json"
+    lock_path = Path(store.root) / "_featup" / "run" / "lock.json"
     before = json.loads(lock_path.read_text())["heartbeat"]
     with LockHeartbeat(store, interval_s=0.05) as beat:
         time.sleep(0.4)
