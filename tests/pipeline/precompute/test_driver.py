@@ -204,8 +204,10 @@ def test_a_job_in_which_no_sample_succeeded_fails_with_its_reasons(env, tmp_path
 
 def test_the_default_error_limit_stops_a_mostly_broken_job(env, tmp_path):
     bad, expected = corpus.make_bad_shard(tmp_path / "in")
-    config = helpers.tiny_config([bad, env["shards"][0]], tmp_path / "default-limit.zarr")
-    assert config.max_errors == 0.05
+    from pipeline.precompute.config import DEFAULT_MAX_ERRORS, PrecomputeConfig
+
+    assert PrecomputeConfig(inputs=("a.tar",), output="o.zarr", backbone="dino16").max_errors == DEFAULT_MAX_ERRORS == 0.05
+    config = helpers.tiny_config([bad, env["shards"][0]], tmp_path / "default-limit.zarr", max_errors=DEFAULT_MAX_ERRORS)
     code, report, err = _run(config)
     assert code == 1 and "failed samples exceed --max-errors 0.05" in report["failure"]
 
