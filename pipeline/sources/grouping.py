@@ -52,6 +52,8 @@ class SampleGrouper:
     """Raw samples of one tar, in order; after iteration ``truncated`` holds why the tar ended early, if it did.
 
     On truncation the sample being read at the break is dropped (as it always was), the samples before it are kept.
+    A damaged region naming no member is held until the next member: if that member continues the sample being
+    grouped, the damage is inside that sample and flags it; otherwise it becomes an error record of its own.
     """
 
     def __init__(self, reader: TarReader, url: str, load: bool = True) -> None:
@@ -59,6 +61,7 @@ class SampleGrouper:
         self.truncated: str | None = None
         self.count = 0  # samples (and error records) yielded
         self._current: dict | None = None
+        self._pending: Damage | None = None  # a damaged region naming no member, not yet placed
         self._seen = 0  # tar events read
         self._last_key: str | None = None  # key of the last sample member seen (None for a name without a dot)
 
@@ -69,36 +72,45 @@ class SampleGrouper:
             if self._seen == 0:
                 raise NotATarError(f"data that is not a tar archive ({e})") from None
             self.truncated = str(e)
-            self._current = None
+            self._current = self._pending = None
             return
-        if self._current is not None:
+        for record in self._place_pending(None) + self._flush():
             self.count += 1
-            yield self._current
-            self._current = None
+            yield record
 
     def _records(self) -> Iterator[dict]:
         """Finished samples and error records as the events come."""
         for event in self.reader:
             self._seen += 1
             if isinstance(event, Truncation):
-                self.truncated = event.reason()
-                if self._current is not None and self._last_key == self._current["__key__"]:
-                    self._current = None  # the sample being read at the break: incomplete
-                break
-            records = self._damage(event) if isinstance(event, Damage) else self._member(event)
+                records = self._truncation(event)
+            elif isinstance(event, Damage):
+                records = self._damage(event)
+            else:
+                records = self._member(event)
             for record in records:
                 self.count += 1
                 yield record
+            if isinstance(event, Truncation):
+                return
+
+    def _truncation(self, event: Truncation) -> list[dict]:
+        """The tar ends early: the records still held, less the sample being read at the break."""
+        self.truncated = event.reason()
+        done = self._place_pending(None)
+        if self._current is not None and self._last_key == self._current["__key__"]:
+            self._current = None  # the sample being read at the break: incomplete
+        return done
 
     def _member(self, member: Member) -> list[dict]:
-        """Adds a member to the sample being grouped; returns the finished sample when its key changes."""
+        """Adds a member to the sample being grouped; returns the samples and records this finishes."""
         if not is_sample_member(member.name, member.regular):
             return []
         key, ext = base_plus_ext(member.name)
         self._last_key = key
         if key is None:
             return []
-        done = self._start(key)
+        done = self._place_pending(key) + self._start(key)
         ext = ext.lower()
         if ext in self._current:
             self._current.setdefault("__error__", f"sample {key}: expected one member per extension, got {member.name} twice")
@@ -109,21 +121,33 @@ class SampleGrouper:
         return done
 
     def _damage(self, damage: Damage) -> list[dict]:
-        """A damaged region: flags the sample of the member it names, or becomes an error record of its own."""
+        """A damaged region: flags the sample of the member it names, or is held until the next member places it."""
         name = damage.name if damage.name and is_sample_member(damage.name) else None
         key = base_plus_ext(name)[0] if name else None
         if key is None:
-            done = self._flush()
-            self._last_key = None
-            span = damaged_key(damage.start, damage.end)
-            reason = f"shard {self.url}: damaged tar data at bytes {damage.start}-{damage.end - 1} ({damage.why}); {_after(damage)}"
-            return done + [{"__key__": span, "__url__": self.url, "__error__": reason}]
-        done = self._start(key)
+            done = self._place_pending(None)
+            self._pending = damage
+            return done
+        done = self._place_pending(key) + self._start(key)
         self._last_key = key
         reason = (f"sample {key}: damaged tar header of member {name} at byte {damage.start} ({damage.why}) in shard "
                   f"{self.url}; bytes {damage.start}-{damage.end - 1} lost, {_after(damage)}")
         self._current.setdefault("__error__", reason)
         return done
+
+    def _place_pending(self, next_key: str | None) -> list[dict]:
+        """Places the held damaged region: inside the current sample if ``next_key`` continues it, else as a record."""
+        damage, self._pending = self._pending, None
+        if damage is None:
+            return []
+        span = f"bytes {damage.start}-{damage.end - 1}"
+        if next_key is not None and self._current is not None and self._current["__key__"] == next_key:
+            reason = f"sample {next_key}: damaged tar data at {span} inside it ({damage.why}) in shard {self.url}; {_after(damage)}"
+            self._current.setdefault("__error__", reason)
+            return []
+        reason = f"shard {self.url}: damaged tar data at {span} ({damage.why}); {_after(damage)}"
+        record = {"__key__": damaged_key(damage.start, damage.end), "__url__": self.url, "__error__": reason}
+        return self._flush() + [record]
 
     def _start(self, key: str) -> list[dict]:
         """Makes ``key`` the sample being grouped; returns the previous sample if it was another one."""
