@@ -20,7 +20,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from featup.errors import ConfigError, InputError
-from pipeline.sources.images import decode_oriented, preprocess
+from pipeline.sources.images import decode_image, exif_orientation, preprocess
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "ppm", "pgm", "gif")
 # PIL formats payloads may be in: the ones IMAGE_EXTENSIONS name (PIL's JPEG opener also reads MPO camera files).
@@ -94,7 +94,8 @@ def decode_sample(sample: dict, spec: DecodeSpec) -> DecodedSample | FailedSampl
         name = f"{key}.{ext}"
         size = stored = header_size(sample[ext], name)  # the stored pixel grid, before EXIF orientation
         check_pixels(size, spec.max_pixels)
-        img, orientation = decode_oriented(sample[ext], name)  # RGB, EXIF orientation applied
+        orientation = _orientation(sample[ext])
+        img = decode_image(sample[ext], name)  # RGB, that EXIF orientation applied
         size = img.size
         cropped, image = preprocess(img, spec.image_size, spec.stride, spec.mean, spec.std)  # (3, S, S)
         grid = _Grid(stored, orientation, size)
@@ -106,6 +107,12 @@ def decode_sample(sample: dict, spec: DecodeSpec) -> DecodedSample | FailedSampl
         return FailedSample(key, reason, *size, orientation=orientation)
     keep = np.array(cropped, dtype=np.uint8) if spec.keep_image else None  # (S, S, 3)
     return DecodedSample(key, size[0], size[1], image, keep, labels, orientation)
+
+
+def _orientation(data: bytes) -> int:
+    """The EXIF orientation (1-8) of encoded image bytes whose header is known to be readable."""
+    with Image.open(io.BytesIO(data), formats=_PIL_FORMATS) as img:
+        return exif_orientation(img)
 
 
 @dataclass(frozen=True)

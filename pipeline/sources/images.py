@@ -37,12 +37,9 @@ def read_bytes(path: str | os.PathLike) -> bytes:
 
 
 def decode_image(data: bytes, name: str) -> Image.Image:
-    """Decodes encoded image bytes fully (so truncation is caught here) into an RGB image named ``name`` in errors."""
-    return decode_oriented(data, name)[0]
+    """Decodes encoded image bytes fully (so truncation is caught here) into an RGB image named ``name`` in errors.
 
-
-def decode_oriented(data: bytes, name: str) -> tuple[Image.Image, int]:
-    """``decode_image``, with the EXIF orientation (1-8) it applied: 1 when absent or not a valid value."""
+    The EXIF orientation is applied (``ImageOps.exif_transpose``); ``exif_orientation`` tells which one it was."""
     if not data:
         raise InputError(f"image {name}: expected an image file, got an empty file (0 bytes)")
     try:
@@ -54,12 +51,12 @@ def decode_oriented(data: bytes, name: str) -> tuple[Image.Image, int]:
         raise InputError(f"image {name}: expected an image of a safe size, got {e}") from None
     except (OSError, SyntaxError, ValueError, EOFError) as e:
         raise InputError(f"image {name}: expected a complete, valid image, got a truncated or corrupt file ({e})") from None
-    orientation = exif_orientation(img)
-    return to_rgb(ImageOps.exif_transpose(img), name), orientation
+    return to_rgb(ImageOps.exif_transpose(img), name)
 
 
 def exif_orientation(img: Image.Image) -> int:
-    """The EXIF orientation ``ImageOps.exif_transpose`` applies to ``img``: 1-8, 1 when absent or out of range."""
+    """The EXIF orientation ``ImageOps.exif_transpose`` applies to ``img`` (an opened file, read from its header):
+    1-8, 1 when absent or out of range (then nothing is turned)."""
     value = img.getexif().get(EXIF_ORIENTATION, 1)
     return value if isinstance(value, int) and 1 <= value <= 8 else 1
 

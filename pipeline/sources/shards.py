@@ -32,7 +32,6 @@ from pipeline.sources.grouping import SampleGrouper
 from pipeline.sources.streams import ShardFile, TarBytes
 from pipeline.sources.tar_reader import NotATarError, TarReader
 
-SCAN_BLOCK_SIZE = 1 << 20  # bytes fetched per range read while scanning: small members are read through, large skipped
 _GLOB_CHARS = ("*", "?", "[")
 
 
@@ -110,9 +109,9 @@ def scan_shard(url: str, index: int, storage_options: dict | None = None, retry:
     """
     options = dict(storage_options or {})
     try:
-        with ShardFile(url, options, retry, block_size=SCAN_BLOCK_SIZE) as raw:
+        with ShardFile(url, options, retry, exact_reads=True) as raw:
             raw.open()
-            grouper = SampleGrouper(TarReader(TarBytes(raw)), url, load=False)
+            grouper = SampleGrouper(TarReader(TarBytes(raw, readahead=True)), url, load=False)
             samples = list(grouper)
     except (InputError, TransientIOError):
         raise

@@ -18,6 +18,8 @@ import fsspec
 
 from pipeline.runtime.retry import RetryPolicy, is_transient
 
+READAHEAD_MIN = 64 << 10  # a scan's first range read after a skip
+READAHEAD_MAX = 8 << 20  # a scan's largest range read (when members are small, so headers are close together)
 SKIP_CHUNK = 1 << 20  # bytes read per step when a skip must read through (compressed or unseekable streams)
 INFLATE_CHUNK = 1 << 14  # compressed bytes fed to a decompressor per step (bounds one step's output to ~16 MiB)
 
@@ -30,10 +32,10 @@ class ShardFile:
     """A read-only, resumable view of one fsspec URL: ``read``, ``skip`` and ``tell`` over the raw bytes."""
 
     def __init__(self, url: str, storage_options: dict | None = None, retry: RetryPolicy | None = None,
-                 block_size: int | None = None) -> None:
+                 exact_reads: bool = False) -> None:
         self.url, self.options = url, dict(storage_options or {})
         self.retry = retry or RetryPolicy()
-        self.block_size = block_size  # fsspec's read-ahead per request; None: the filesystem's default
+        self.exact_reads = exact_reads  # no fsspec read-ahead: each read is one range request of its size
         self.pos = 0
         self.size: int | None = None  # known once opened, when the file is seekable
         self.seekable = False
@@ -83,8 +85,7 @@ class ShardFile:
         """The open fsspec file positioned at ``self.pos``, opening (or reopening) it if needed."""
         if self._file is None:
             fs, path = fsspec.core.url_to_fs(self.url, **self.options)
-            kwargs = {"block_size": self.block_size} if self.block_size else {}
-            f = fs.open(path, "rb", **kwargs)
+            f = _open_exact(fs, path) if self.exact_reads else fs.open(path, "rb")
             try:
                 self.seekable = bool(f.seekable())
                 if self.seekable and self.size is None:
@@ -127,6 +128,14 @@ class ShardFile:
                 pass
 
 
+def _open_exact(fs: fsspec.AbstractFileSystem, path: str) -> Any:
+    """``fs.open(path)`` without read-ahead cache where the filesystem takes ``cache_type`` (the buffered ones do)."""
+    try:
+        return fs.open(path, "rb", cache_type="none")
+    except TypeError:  # a filesystem whose open takes no cache options
+        return fs.open(path, "rb")
+
+
 class _Inflater:
     """Incremental decompression of gzip (several members allowed), bz2 or xz; trailing non-stream bytes are ignored."""
 
@@ -162,34 +171,35 @@ _MAGICS = {"gz": b"\x1f\x8b", "bz2": b"BZh", "xz": b"\xfd7zXZ\x00"}
 
 
 class TarBytes:
-    """The tar byte stream of a shard: ``read``/``skip``/``tell`` in tar offsets, decompressing when the shard is."""
+    """The tar byte stream of a shard: ``read``/``skip``/``tell`` in tar offsets, decompressing when the shard is.
 
-    def __init__(self, raw: ShardFile) -> None:
+    With ``readahead`` (for a scan over a file opened with ``exact_reads``), plain reads fetch at least that many
+    bytes: it starts at READAHEAD_MIN, doubles with each fetch (small members are read through in ever larger range
+    reads) up to READAHEAD_MAX, and falls back to the minimum after a skip past it (large members cost one small read
+    each). So a scan never makes more requests than a whole read in READAHEAD_MAX blocks, and moves far fewer bytes
+    when members are large.
+    """
+
+    def __init__(self, raw: ShardFile, readahead: bool = False) -> None:
         self.raw = raw
+        self._ahead = READAHEAD_MIN if readahead else 0
         self.pos = 0
         self.compression: str | None = None
         self._buf = bytearray()  # bytes already read (or decompressed) beyond ``pos``; deleting its front is cheap
         self._inflater: _Inflater | None = None
+        self._raw_head = b""
         self._started = False
 
     def read(self, n: int) -> bytes:
         """Up to ``n`` tar bytes (fewer only at the end)."""
         self._start()
         if self._inflater is None:
-            parts, need = [bytes(self._buf[:n])], n - min(n, len(self._buf))
-            del self._buf[:n]
-            while need:
-                data = self.raw.read(need)
-                if not data:
-                    break
-                parts.append(data)
-                need -= len(data)
-            data = b"".join(parts)
+            self._fetch(n - len(self._buf))
         else:
             while len(self._buf) < n and self._inflate():
                 pass
-            data = bytes(self._buf[:n])
-            del self._buf[:n]
+        data = bytes(self._buf[:n])
+        del self._buf[:n]
         self.pos += len(data)
         return data
 
@@ -202,6 +212,8 @@ class TarBytes:
         if self._inflater is None and skipped < n:
             more = self.raw.skip(n - skipped)
             self.pos += more
+            if n - skipped >= self._ahead > 0:
+                self._ahead = READAHEAD_MIN  # a skip past the read-ahead: members are large, fetch little
             return skipped + more
         while skipped < n:
             data = self.read(min(SKIP_CHUNK, n - skipped))
@@ -219,18 +231,34 @@ class TarBytes:
         if self._started:
             return
         self._started = True
-        head = self.raw.read(6)
+        head = self.raw.read(max(6, self._ahead))  # the first fetch of a scan also tells the compression
         self.compression = next((kind for kind, magic in _MAGICS.items() if head.startswith(magic)), None)
         if self.compression is None:
             self._buf += head
         else:
             self._inflater = _Inflater(self.compression)
-            self._buf += self._inflater.feed(head)
+            self._raw_head = head  # compressed bytes read with the magic, inflated step by step like the rest
+
+    def _fetch(self, need: int) -> None:
+        """Appends at least ``need`` plain bytes to the buffer (fewer at the end), read-ahead included."""
+        if need <= 0:
+            return
+        want = max(need, self._ahead)
+        while need > 0:
+            data = self.raw.read(want)
+            if not data:
+                break
+            self._buf += data
+            need -= len(data)
+            want -= len(data)
+        if self._ahead:
+            self._ahead = min(2 * self._ahead, READAHEAD_MAX)
 
     def _inflate(self) -> bool:
         """Appends more decompressed bytes to the buffer; False at the end of the stream."""
         while not self._inflater.done:
-            chunk = self.raw.read(INFLATE_CHUNK)
+            chunk, self._raw_head = self._raw_head[:INFLATE_CHUNK], self._raw_head[INFLATE_CHUNK:]
+            chunk = chunk or self.raw.read(INFLATE_CHUNK)
             if not chunk:
                 return False
             out = self._inflater.feed(chunk)
