@@ -36,6 +36,7 @@ class FaultProxy:
         self.bytes_up = 0  # request bytes relayed to the server
         self.requests = 0  # HTTP requests seen (answered by the server or by an injected fault)
         self.connections = 0  # connections accepted
+        self.injected = 0  # faults that took effect: requests answered with an error, connections reset mid-response
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._outage_until = 0.0
@@ -90,9 +91,9 @@ class FaultProxy:
             self._outage_until, self._resets, self._answers = 0.0, [], []
 
     def reset_counters(self) -> None:
-        """Sets the byte, request and connection counters to zero."""
+        """Sets the byte, request, connection and injected-fault counters to zero."""
         with self._lock:
-            self.bytes_down = self.bytes_up = self.requests = self.connections = 0
+            self.bytes_down = self.bytes_up = self.requests = self.connections = self.injected = 0
 
     def stop(self) -> None:
         """Closes the listener and every relay, and waits for their threads."""
@@ -115,11 +116,17 @@ class FaultProxy:
         """The injected answer for the request just seen, if one is pending; counts the request."""
         with self._lock:
             self.requests += 1
-            return self._answers.pop(0) if self._answers else None
+            if not self._answers:
+                return None
+            self.injected += 1
+            return self._answers.pop(0)
 
     def _take_reset(self) -> int | None:
         with self._lock:
-            return self._resets.pop(0) if self._resets else None
+            if not self._resets:
+                return None
+            self.injected += 1
+            return self._resets.pop(0)
 
     def _count(self, up: int = 0, down: int = 0) -> None:
         with self._lock:

@@ -3,6 +3,7 @@ and the scan (headers only) agrees exactly with the read. Real tar bytes, damage
 
 from __future__ import annotations
 
+import gzip
 import io
 import tarfile
 from pathlib import Path
@@ -159,8 +160,6 @@ def test_damaged_header_after_a_long_name_keeps_the_long_name(tmp_path):
 
 def test_gzipped_damaged_shard_is_recovered_too(tmp_path):
     shard = corpus.make_damaged_shard(tmp_path, "bad-checksum")
-    import gzip
-
     path = tmp_path / "damaged.tar.gz"
     path.write_bytes(gzip.compress(Path(shard.path).read_bytes(), mtime=0))
     got, markers = _read(str(path))
@@ -169,8 +168,6 @@ def test_gzipped_damaged_shard_is_recovered_too(tmp_path):
 
 def test_corrupt_gzip_stream_ends_the_shard_like_a_truncation(tmp_path):
     samples = [{"__key__": f"k{i}", "jpg": np.random.default_rng(i).bytes(4000)} for i in range(6)]
-    import gzip
-
     data = gzip.compress(Path(corpus.write_shard(tmp_path / "x.tar", samples)).read_bytes(), mtime=0)
     broken = bytearray(data)
     broken[len(data) // 2 : len(data) // 2 + 64] = bytes(64)
