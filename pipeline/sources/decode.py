@@ -3,6 +3,10 @@
 The image is the sample's image extension (``jpg``, ``png``, ... or ``DecodeSpec.image_key``), never a label such as
 ``seg.png``. Its pixel count is checked from the header before anything is decoded. Labels get the image's resize and
 centre crop with nearest-neighbour sampling, so class ids and depths stay exact and row ``i`` of every array matches.
+
+EXIF orientation: labels are on the pixel grid stored in the image file (the convention of WebDataset's, timm's and
+torchvision's loaders, none of which rotate), so the image's orientation transform (``ImageOps.exif_transpose``) is
+applied to the image and to every label alike; a label's own EXIF tag is ignored. ``orientation`` records it.
 """
 
 from __future__ import annotations
@@ -13,10 +17,10 @@ from typing import Callable
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
 from featup.errors import ConfigError, InputError
-from pipeline.sources.images import decode_image, preprocess
+from pipeline.sources.images import decode_image, exif_orientation, preprocess
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "ppm", "pgm", "gif")
 # PIL formats payloads may be in: the ones IMAGE_EXTENSIONS name (PIL's JPEG opener also reads MPO camera files).
@@ -65,6 +69,7 @@ class DecodedSample:
     image: torch.Tensor  # (3, S, S) float32, normalised
     image_uint8: np.ndarray | None  # (S, S, 3) uint8 when DecodeSpec.keep_image
     labels: dict[str, np.ndarray]  # ext -> (S, S) or (S, S, C), the label's own dtype
+    orientation: int = 1  # EXIF orientation (1-8) applied to the image and its labels; 1 when absent
 
 
 @dataclass
@@ -75,29 +80,66 @@ class FailedSample:
     reason: str
     width: int = 0
     height: int = 0
+    orientation: int = 0  # EXIF orientation when the image was decoded that far, else 0 (unknown)
 
 
 def decode_sample(sample: dict, spec: DecodeSpec) -> DecodedSample | FailedSample:
     """Decodes one raw sample; any bad data becomes a FailedSample with its reason (this function never raises for it)."""
     key = "" if sample.get("__key__") is None else str(sample["__key__"])
-    size = (0, 0)
+    size, orientation = (0, 0), 0
     try:
         if sample.get("__error__"):
             raise InputError(str(sample["__error__"]))
         ext = image_extension(sample, spec)
         name = f"{key}.{ext}"
-        size = header_size(sample[ext], name)
+        size = stored = header_size(sample[ext], name)  # the stored pixel grid, before EXIF orientation
         check_pixels(size, spec.max_pixels)
-        img = decode_image(sample[ext], name)  # RGB, EXIF orientation applied
+        orientation = _orientation(sample[ext])
+        img = decode_image(sample[ext], name)  # RGB, that EXIF orientation applied
         size = img.size
         cropped, image = preprocess(img, spec.image_size, spec.stride, spec.mean, spec.std)  # (3, S, S)
-        labels = {label: _decode_label(sample, key, label, size, spec) for label in spec.labels}
+        grid = _Grid(stored, orientation, size)
+        labels = {label: _decode_label(sample, key, label, grid, spec) for label in spec.labels}
     except InputError as e:
-        return FailedSample(key, str(e), *size)
+        return FailedSample(key, str(e), *size, orientation=orientation)
     except Exception as e:  # anything a hostile payload provokes in a decoder is the sample's failure, not the job's
-        return FailedSample(key, f"sample {key}: unexpected {type(e).__name__} while decoding: {e}", *size)
+        reason = f"sample {key}: unexpected {type(e).__name__} while decoding: {e}"
+        return FailedSample(key, reason, *size, orientation=orientation)
     keep = np.array(cropped, dtype=np.uint8) if spec.keep_image else None  # (S, S, 3)
-    return DecodedSample(key, size[0], size[1], image, keep, labels)
+    return DecodedSample(key, size[0], size[1], image, keep, labels, orientation)
+
+
+def _orientation(data: bytes) -> int:
+    """The EXIF orientation (1-8) of encoded image bytes whose header is known to be readable."""
+    with Image.open(io.BytesIO(data), formats=_PIL_FORMATS) as img:
+        return exif_orientation(img)
+
+
+@dataclass(frozen=True)
+class _Grid:
+    """The image's stored size, its EXIF orientation, and its size once oriented (what every array ends up in)."""
+
+    stored: tuple[int, int]
+    orientation: int
+    oriented: tuple[int, int]
+
+
+# ImageOps.exif_transpose's transform for each EXIF orientation, on (H, W) or (H, W, C) arrays.
+_ORIENT: dict[int, Callable[[np.ndarray], np.ndarray]] = {
+    1: lambda a: a,
+    2: lambda a: a[:, ::-1],  # FLIP_LEFT_RIGHT
+    3: lambda a: a[::-1, ::-1],  # ROTATE_180
+    4: lambda a: a[::-1],  # FLIP_TOP_BOTTOM
+    5: lambda a: a.swapaxes(0, 1),  # TRANSPOSE
+    6: lambda a: np.rot90(a, -1),  # ROTATE_270 (counter-clockwise), i.e. 90 degrees clockwise
+    7: lambda a: np.rot90(a, 2).swapaxes(0, 1),  # TRANSVERSE
+    8: lambda a: np.rot90(a, 1),  # ROTATE_90 (counter-clockwise)
+}
+
+
+def orient(array: np.ndarray, orientation: int) -> np.ndarray:
+    """``array`` (H, W) or (H, W, C) turned as ``ImageOps.exif_transpose`` turns an image of that EXIF orientation."""
+    return np.ascontiguousarray(_ORIENT[orientation](array))
 
 
 def image_extension(sample: dict, spec: DecodeSpec) -> str:
@@ -144,26 +186,40 @@ def check_pixels(size: tuple[int, int], max_pixels: int) -> None:
         raise InputError(f"image {width}x{height} is above the pixel limit ({width * height} > {max_pixels} pixels)")
 
 
-def _decode_label(sample: dict, key: str, label: str, size: tuple[int, int], spec: DecodeSpec) -> np.ndarray:
-    """One label payload decoded, checked to match the image size, then resized and cropped like the image."""
+def _decode_label(sample: dict, key: str, label: str, grid: _Grid, spec: DecodeSpec) -> np.ndarray:
+    """One label payload decoded, checked against the image's stored grid, oriented, resized and cropped like it."""
     name = f"{key}.{label}"
     if label not in sample:
         present = [ext for ext in sample if not ext.startswith("__")]
         raise InputError(f"label {name}: expected in the sample, got {_listing(present)}")
-    array = _label_decoder(label)(sample[label], name, spec.max_pixels)  # (H, W) or (H, W, C)
+    array = _label_decoder(label)(sample[label], name, spec.max_pixels)  # (H, W) or (H, W, C), stored grid
     found = (array.shape[1], array.shape[0])
-    if found != size:
-        raise InputError(f"label {name}: expected the image size {size[0]}x{size[1]}, got {found[0]}x{found[1]}")
-    rows, cols = crop_indices(size, spec.image_size, spec.stride)
+    if found != grid.stored:
+        raise InputError(_size_mismatch(name, found, grid))
+    array = orient(array, grid.orientation)  # now on the oriented grid, like the image
+    rows, cols = crop_indices(grid.oriented, spec.image_size, spec.stride)
     return np.ascontiguousarray(array[rows][:, cols])  # (S, S) or (S, S, C)
 
 
+def _size_mismatch(name: str, found: tuple[int, int], grid: _Grid) -> str:
+    """Why a label does not fit its image, naming the EXIF orientation when the image has one."""
+    w, h = grid.stored
+    message = f"label {name}: expected the image size {w}x{h}, got {found[0]}x{found[1]}"
+    if grid.orientation == 1:
+        return message
+    turned = " (the size once turned for display)" if found == grid.oriented and found != grid.stored else ""
+    return (f"{message}{turned}; labels must be on the pixel grid stored in the image file, which its EXIF "
+            f"orientation {grid.orientation} turns to {grid.oriented[0]}x{grid.oriented[1]} for display")
+
+
 def _image_label(data: bytes, name: str, max_pixels: int) -> np.ndarray:
-    """An image label (PNG, TIFF...) as an array in its own mode: L/P give indexes, I;16 uint16, RGB (H, W, 3)."""
+    """An image label (PNG, TIFF...) as an array in its own mode: L/P give indexes, I;16 uint16, RGB (H, W, 3).
+
+    Read on its stored grid: its own EXIF orientation, if any, is ignored (it is oriented as its image is)."""
     check_pixels(header_size(data, name), max_pixels)
     with Image.open(io.BytesIO(data), formats=_PIL_FORMATS) as img:
         img.load()
-        return np.array(ImageOps.exif_transpose(img))
+        return np.array(img)
 
 
 def _npy_label(data: bytes, name: str, max_pixels: int) -> np.ndarray:

@@ -14,6 +14,9 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from featup.errors import ConfigError, InputError
 
 _HIGH_BIT_DEPTH_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")  # integer modes read with a 16-bit range
+# Modes whose values have no defined RGB range: converting them clips (a 0..1 float image turns black).
+_UNDEFINED_RANGE_MODES = {"F": "32-bit floating point"}
+EXIF_ORIENTATION = 0x0112
 
 
 def read_bytes(path: str | os.PathLike) -> bytes:
@@ -34,7 +37,9 @@ def read_bytes(path: str | os.PathLike) -> bytes:
 
 
 def decode_image(data: bytes, name: str) -> Image.Image:
-    """Decodes encoded image bytes fully (so truncation is caught here) into an RGB image named ``name`` in errors."""
+    """Decodes encoded image bytes fully (so truncation is caught here) into an RGB image named ``name`` in errors.
+
+    The EXIF orientation is applied (``ImageOps.exif_transpose``); ``exif_orientation`` tells which one it was."""
     if not data:
         raise InputError(f"image {name}: expected an image file, got an empty file (0 bytes)")
     try:
@@ -49,13 +54,32 @@ def decode_image(data: bytes, name: str) -> Image.Image:
     return to_rgb(ImageOps.exif_transpose(img), name)
 
 
+def exif_orientation(img: Image.Image) -> int:
+    """The EXIF orientation ``ImageOps.exif_transpose`` applies to ``img`` (an opened file, read from its header):
+    1-8, 1 when absent or out of range (then nothing is turned)."""
+    value = img.getexif().get(EXIF_ORIENTATION, 1)
+    return value if isinstance(value, int) and 1 <= value <= 8 else 1
+
+
 def load_image(path: str | os.PathLike) -> Image.Image:
     """Reads and decodes the image at a local path or fsspec URL as RGB, or raises an InputError naming it."""
     return decode_image(read_bytes(path), os.fspath(path))
 
 
 def to_rgb(img: Image.Image, name: str = "<image>") -> Image.Image:
-    """Converts any PIL mode (L, LA, P, RGBA, CMYK, 16-bit, float) to 8-bit RGB; alpha is dropped."""
+    """Converts PIL modes (L, LA, P, RGBA, CMYK, 16-bit) to 8-bit RGB; alpha is dropped.
+
+    Refused, naming the mode: float images (``F``: no defined range, PIL's conversion clips them to black) and
+    32-bit integer images (``I``) with values outside the 16-bit range, which the 16-bit rescaling would clip.
+    """
+    if img.mode in _UNDEFINED_RANGE_MODES:
+        raise InputError(f"image {name}: expected 8- or 16-bit integer pixels, got mode {img.mode} "
+                         f"({_UNDEFINED_RANGE_MODES[img.mode]}, whose range cannot be mapped to RGB without losing it)")
+    if img.mode == "I":
+        low, high = img.getextrema()
+        if low < 0 or high > 65535:
+            raise InputError(f"image {name}: expected 8- or 16-bit integer pixels, got mode I with values {low}..{high} "
+                             "(outside 0..65535, converting them to RGB would clip them)")
     if img.mode in _HIGH_BIT_DEPTH_MODES:
         # PIL's own convert clips 16-bit values at 255; rescale the 0..65535 range instead.
         values = np.asarray(img, dtype=np.float64) / 257.0  # (H, W)

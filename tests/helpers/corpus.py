@@ -12,6 +12,7 @@ import io
 import os
 import pickle
 import tarfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import fsspec
@@ -224,3 +225,193 @@ def make_unreadable_shard(folder: str | os.PathLike) -> str:
     os.makedirs(os.fspath(folder), exist_ok=True)
     Path(path).write_bytes(np.random.default_rng(5).integers(0, 256, 4096, dtype=np.uint8).tobytes())
     return path
+
+
+# --- Damaged tars: real bytes of a good shard, damaged in place --------------------------------------------------
+
+DAMAGE_KINDS = (
+    "bad-checksum", "bad-checksum-first-member", "garbage-header", "zeroed-header", "zeroed-data", "garbage-mid-file",
+    "truncated-at-header", "truncated-in-member", "garbage-appended", "garbage-tail",
+)
+
+
+@dataclass(frozen=True)
+class DamagedShard:
+    """A damaged shard and what reading it must give: the keys in order, which entries fail and why, what survives."""
+
+    path: str
+    kind: str
+    keys: tuple[str, ...]  # expected ShardInfo.keys == read order
+    failed: dict[int, str]  # position in keys -> a fragment of its "__error__"
+    truncated: bool  # whether the scan's error is set and the read ends with the marker
+    written: dict[str, dict[str, bytes]]  # key -> the payloads written (samples not listed in ``failed`` match them)
+    partial: frozenset[str] = frozenset()  # keys that come through with fewer payloads (no "__error__" on them)
+
+
+def member_offsets(path: str | os.PathLike) -> list[tuple[str, int, int, int]]:
+    """(name, header offset, data offset, size) of each member of an intact tar, from ``tarfile``."""
+    with tarfile.open(path) as tar:
+        return [(m.name, m.offset, m.offset_data, m.size) for m in tar.getmembers()]
+
+
+def make_damaged_shard(folder: str | os.PathLike, kind: str, per_shard: int = 8, seed: int = 11) -> DamagedShard:
+    """Writes ``damaged-<kind>.tar``: a shard of ``per_shard`` good samples (jpg, seg.png, cls) damaged as ``kind``."""
+    if kind not in DAMAGE_KINDS:
+        raise ValueError(f"damage kind: expected one of {', '.join(DAMAGE_KINDS)}, got {kind}")
+    rng = np.random.default_rng(seed)
+    samples = [good_sample(f"d{i:05d}", rng) for i in range(per_shard)]
+    path = _join(folder, f"damaged-{kind}.tar")
+    write_shard(path, samples)
+    data = bytearray(Path(path).read_bytes())
+    members = member_offsets(path)
+    keys = [s["__key__"] for s in samples]
+    written = {s["__key__"]: {k: v for k, v in s.items() if k != "__key__"} for s in samples}
+    data, expected = _DAMAGES[kind](data, members, keys, np.random.default_rng(seed + 1))
+    Path(path).write_bytes(bytes(data))
+    expected_keys, failed, truncated, partial = expected
+    return DamagedShard(path, kind, tuple(expected_keys), failed, truncated, written, frozenset(partial))
+
+
+def _garbage(rng: np.random.Generator, n: int) -> bytes:
+    """``n`` random bytes (never a valid tar header: no aligned ``ustar`` magic with a matching checksum)."""
+    return rng.integers(0, 256, n, dtype=np.uint8).tobytes()
+
+
+def _bad_checksum(member: int):
+    """Damage: one byte of the checksum field of member ``member``'s header changed (its name stays readable)."""
+    def damage(data, members, keys, rng):
+        name, header = members[member][0], members[member][1]
+        data[header + 148] = ord("7") if data[header + 148] != ord("7") else ord("6")
+        position = member // 3
+        return data, (keys, {position: f"damaged tar header of member {name}"}, False, ())
+    return damage
+
+
+def _garbage_header(data, members, keys, rng):
+    """Damage: the header of the middle member of sample 2 (``seg.png``) overwritten with random bytes."""
+    header, following = members[7][1], members[8][1]
+    data[header : header + 512] = _garbage(rng, 512)
+    return data, (keys, {2: f"damaged tar data at bytes {header}-{following - 1} inside it"}, False, ())
+
+
+def _zeroed_header(data, members, keys, rng):
+    """Damage: the header of sample 1's first member (its ``jpg``) zeroed: a lost region naming no member."""
+    header, following = members[3][1], members[4][1]
+    data[header : header + 512] = bytes(512)
+    span = f"<damaged bytes {header}-{following - 1}>"
+    return data, (keys[:1] + [span] + keys[1:], {1: "zeroed header block"}, False, (keys[1],))
+
+
+def _zeroed_data(data, members, keys, rng):
+    """Damage: a 512-byte block inside sample 1's ``jpg`` data zeroed (a tar cannot tell: the payload differs)."""
+    start = members[3][2] + 512 if members[3][3] > 1024 else members[3][2]
+    data[start : start + 512] = bytes(512)
+    return data, (keys, {}, False, ())
+
+
+def _garbage_mid_file(data, members, keys, rng):
+    """Damage: 800 random bytes over the end of sample 1's ``jpg`` data and the next header (its ``seg.png``)."""
+    header, following = members[4][1], members[5][1]
+    data[header - 100 : header + 700] = _garbage(rng, 800)
+    return data, (keys, {1: f"damaged tar data at bytes {header}-{following - 1} inside it"}, False, ())
+
+
+def _truncated_at_header(data, members, keys, rng):
+    """Damage: the file cut exactly at sample 3's first header (reads as a complete, shorter tar)."""
+    return data[: members[9][1]], (keys[:3], {}, False, ())
+
+
+def _truncated_in_member(data, members, keys, rng):
+    """Damage: the file cut inside sample 3's ``seg.png`` data (the samples before it are kept)."""
+    return data[: members[10][2] + members[10][3] // 2], (keys[:3], {}, True, ())
+
+
+def _garbage_appended(data, members, keys, rng):
+    """Damage: 3000 random bytes after the end-of-archive blocks (ignored)."""
+    return data + _garbage(rng, 3000), (keys, {}, False, ())
+
+
+def _garbage_tail(data, members, keys, rng):
+    """Damage: cut at sample 3's first header, then 2048 random bytes (no end-of-archive marker): a lost region to the end."""
+    cut = members[9][1]
+    span = f"<damaged bytes {cut}-{cut + 2047}>"
+    return data[:cut] + _garbage(rng, 2048), (keys[:3] + [span], {3: "no valid tar header after it"}, False, ())
+
+
+_DAMAGES = {
+    "bad-checksum": _bad_checksum(2), "bad-checksum-first-member": _bad_checksum(3), "garbage-header": _garbage_header,
+    "zeroed-header": _zeroed_header, "zeroed-data": _zeroed_data, "garbage-mid-file": _garbage_mid_file,
+    "truncated-at-header": _truncated_at_header, "truncated-in-member": _truncated_in_member,
+    "garbage-appended": _garbage_appended, "garbage-tail": _garbage_tail,
+}
+
+
+def make_all_broken_shards(folder: str | os.PathLike) -> tuple[list[str], int]:
+    """Two readable shards in which every sample fails to decode (bad images, no image, damaged tar regions).
+
+    Returns their paths and the number of entries they hold (all of them failures under DecodeSpec's defaults).
+    """
+    members, expected = bad_members(folder)
+    bad = [(name, data) for name, data in members if expected[name.split(".")[0]] == "error"]
+    first = write_tar(_join(folder, "broken-000000.tar"), bad)
+    rng = np.random.default_rng(21)
+    samples = [good_sample(f"b{i:05d}", rng) for i in range(4)]
+    for sample in samples:
+        sample["jpg"] = sample["jpg"][: len(sample["jpg"]) // 3]  # truncated JPEG
+    second = write_shard(_join(folder, "broken-000001.tar"), samples)
+    raw = bytearray(Path(second).read_bytes())
+    header = member_offsets(second)[4][1]
+    raw[header : header + 512] = _garbage(rng, 512)  # sample 1's seg.png header: flags sample 1
+    Path(second).write_bytes(bytes(raw))
+    return [first, second], len({name.split(".")[0] for name, _ in bad}) + len(samples)
+
+
+# --- EXIF orientation: JPEGs stored on a raw grid that EXIF says to turn, with masks on that raw grid -------------
+
+EXIF_ORIENTATION = 0x0112
+EXIF_PALETTE = np.array([[r, g, b] for r in (0, 255) for g in (0, 255) for b in (0, 255)], dtype=np.uint8)
+EXIF_BLOCK = 16  # block side in pixels (a multiple of JPEG's 8-pixel grid, so colours stay clean)
+
+# How each EXIF orientation's raw grid is stored, given the grid as displayed (the inverse of the display transform,
+# written from the EXIF definitions: 6 = "rotate 90 degrees clockwise to display", 8 = "rotate 270 clockwise"...).
+_TO_RAW = {
+    1: lambda a: a,
+    2: lambda a: a[:, ::-1],  # mirrored horizontally
+    3: lambda a: a[::-1, ::-1],  # rotated 180
+    4: lambda a: a[::-1],  # mirrored vertically
+    5: lambda a: a.swapaxes(0, 1),  # transposed (its own inverse)
+    6: lambda a: np.rot90(a, 1),  # displayed = raw turned 90 clockwise, so raw = displayed turned 90 counter-clockwise
+    7: lambda a: np.rot90(a, 2).swapaxes(0, 1),  # transversed (its own inverse)
+    8: lambda a: np.rot90(a, -1),  # displayed = raw turned 90 counter-clockwise
+}
+
+
+def exif_jpeg(raw: np.ndarray, orientation: int) -> bytes:
+    """A JPEG of the (H, W, 3) uint8 raw grid with the EXIF orientation tag set (4:4:4, quality 95)."""
+    img = Image.fromarray(np.ascontiguousarray(raw))
+    exif = img.getexif()
+    exif[EXIF_ORIENTATION] = orientation
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", quality=95, subsampling=0, exif=exif.tobytes())
+    return buf.getvalue()
+
+
+def exif_sample(key: str, orientation: int, shape: tuple[int, int], seed: int = 0) -> tuple[dict[str, bytes], np.ndarray]:
+    """A sample whose JPEG says ``orientation`` and whose ``seg.png`` mask is on the JPEG's raw pixel grid.
+
+    ``shape`` is (H, W) as displayed, in whole EXIF_BLOCKs. Returns the sample and the block ids as they must come out
+    after orientation: (H, W) uint8 indexes into EXIF_PALETTE, for the image and the mask alike.
+    """
+    rng = np.random.default_rng(seed)
+    height, width = shape
+    blocks = rng.integers(0, len(EXIF_PALETTE), (height // EXIF_BLOCK, width // EXIF_BLOCK), dtype=np.uint8)
+    displayed = np.repeat(np.repeat(blocks, EXIF_BLOCK, axis=0), EXIF_BLOCK, axis=1)  # (H, W) ids as displayed
+    raw = np.ascontiguousarray(_TO_RAW[orientation](displayed))  # ids on the stored grid
+    sample = {"__key__": key, "jpg": exif_jpeg(EXIF_PALETTE[raw], orientation), "seg.png": png_bytes(raw)}
+    return sample, displayed
+
+
+def palette_ids(rgb: np.ndarray) -> np.ndarray:
+    """For each pixel of an (H, W, 3) uint8 image, the index of the nearest EXIF_PALETTE colour."""
+    distance = ((rgb[:, :, None, :].astype(np.int32) - EXIF_PALETTE[None, None].astype(np.int32)) ** 2).sum(-1)
+    return distance.argmin(-1).astype(np.uint8)

@@ -231,3 +231,30 @@ def test_iteration_stops_cleanly_when_the_consumer_stops(tmp_path):
     iterator = iter_shard_samples(path)
     assert next(iterator)["__key__"] == "s0000-00000"
     iterator.close()  # closes the stream; nothing raised
+
+
+def test_expand_inputs_globs_local_and_memory_patterns_in_sorted_order(tmp_path, monkeypatch, memory_folder):
+    monkeypatch.chdir(tmp_path)
+    for name in ("b-000.tar", "a-001.tar", "a-000.tar", "notes.txt"):
+        corpus.write_tar(tmp_path / "data" / name, [])
+    (tmp_path / "data" / "dir.tar").mkdir()  # a directory matching the glob is not a shard
+    local = expand_inputs(["data/*.tar", "data/a-00?.tar", "data/{b,a}-000.tar"])
+    assert local == [str(tmp_path / "data" / n) for n in ("a-000.tar", "a-001.tar", "b-000.tar")]
+    corpus.write_tar(f"{memory_folder}/y.tar", [])
+    corpus.write_tar(f"{memory_folder}/x.tar", [])
+    memory = fsspec.filesystem("memory")  # matches come back in the filesystem's own spelling of its URLs
+    expected = [memory.unstrip_protocol(memory._strip_protocol(f"{memory_folder}/{n}")) for n in ("x.tar", "y.tar")]
+    assert expand_inputs([f"{memory_folder}/*.tar"]) == expected
+    assert all(_samples(url) == ([], []) for url in expected)  # and they read (no error marker)
+
+
+def test_expand_inputs_names_a_glob_that_matches_nothing(tmp_path):
+    pattern = str(tmp_path / "nothing" / "*.tar")
+    with pytest.raises(InputError, match="expected at least one file matching") as e:
+        expand_inputs([pattern])
+    assert pattern in str(e.value)
+
+
+def test_expand_inputs_keeps_a_literal_name_with_glob_characters(tmp_path):
+    path = corpus.write_tar(tmp_path / "odd[1].tar", [])
+    assert expand_inputs([str(path)]) == [str(path)]
