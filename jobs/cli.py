@@ -52,9 +52,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return e.code if isinstance(e.code, int) else EXIT_USAGE
     try:
         return int(args.run(args))
-    except FeatUpError as e:
+    except FeatUpError as e:  # bad input or settings (exit 2), or a fault that a rerun resumes past (its own code, 1)
         print(f"featup: error: {e}", file=sys.stderr)
-        return EXIT_USAGE
+        return int(getattr(e, "exit_code", EXIT_USAGE))
     except KeyboardInterrupt:
         print("featup: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED

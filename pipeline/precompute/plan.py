@@ -60,7 +60,8 @@ def make_plan(config: PrecomputeConfig, command_line: Sequence[str] = ()) -> Pla
     """Expands and scans the inputs (missing shards fail here), loads the model on the CPU and lays out the store."""
     from pipeline.sources.shards import expand_inputs
 
-    shards = scan_inputs(expand_inputs(config.inputs), config.storage_options)
+    urls = expand_inputs(config.inputs, config.storage_options, retry=config.retry)
+    shards = scan_inputs(urls, config.storage_options, retry=config.retry)
     offsets = np.concatenate([[0], np.cumsum([s.num_samples for s in shards])[:-1]]).astype(int).tolist() if shards else []
     extractor = FeatureExtractor(replace(config, kernel_backend="eager"), device="cpu")  # runs once at most: no compile
     if config.channels is not None and config.channels > extractor.backbone.dim:
@@ -95,43 +96,52 @@ def find_duplicates(shards: Sequence[Any]) -> dict[int, dict[int, str]]:
     return found
 
 
-def scan_inputs(urls: Sequence[str], storage_options: dict[str, Any], max_workers: int = 8) -> list:
+def scan_inputs(urls: Sequence[str], storage_options: dict[str, Any], max_workers: int = 8, retry: Any = None) -> list:
     """Counts every shard's samples in threads; refuses missing shards (all listed), keeps unreadable ones as errors.
 
     A shard that exists but cannot be read, or whose tar breaks, gets one extra placeholder row (key "") so that
-    the index records it with its reason; its samples before the break keep their rows.
+    the index records it with its reason; its samples before the break keep their rows. Missing shards and shards
+    this job may not read (access denied: credentials, not data) stop the job before anything starts; transient
+    faults are retried by the scan and raise TransientIOError once the budget is spent.
     """
     with ThreadPoolExecutor(max(1, min(max_workers, len(urls))), thread_name_prefix="scan") as pool:
         locations = [Location.resolve(url, storage_options) for url in urls]
-        results = list(pool.map(lambda il: _scan_one(il[1].url, il[0], il[1].options), enumerate(locations)))
+        results = list(pool.map(lambda il: _scan_one(il[1].url, il[0], il[1].options, retry), enumerate(locations)))
     missing = [r for r in results if isinstance(r, str)]
     if missing:
         listing = "\n".join(f"  {m}" for m in missing)
-        raise InputError(f"inputs: expected {len(urls)} existing shards, got {len(missing)} missing:\n{listing}")
+        raise InputError(f"inputs: expected {len(urls)} existing, readable shards, got {len(missing)} missing or unreadable:\n{listing}")
     return results
 
 
-def _scan_one(url: str, index: int, options: dict[str, Any]):
+def _scan_one(url: str, index: int, options: dict[str, Any], retry: Any = None):
     """The ShardInfo of one shard (with a placeholder row if it is broken), or a message if it does not exist."""
     from pipeline.sources.shards import ShardInfo, scan_shard
 
     try:
-        info = scan_shard(url, index, options)
+        info = scan_shard(url, index, options, retry=retry)
     except InputError as e:
-        if not _exists(url, options):
-            return f"shard {url}: no such file or object"
+        refusal = str(e) if "access denied" in str(e) else _refusal(url, options)
+        if refusal is not None:
+            return refusal
         return ShardInfo(url, index, 1, (BROKEN_KEY,), error=str(e), options=options)
     if info.error is not None:
         return replace(info, num_samples=info.num_samples + 1, keys=(*info.keys, BROKEN_KEY))
     return info
 
 
-def _exists(url: str, options: dict[str, Any]) -> bool:
+def _refusal(url: str, options: dict[str, Any]) -> str | None:
+    """Why a shard that failed its scan stops the job (missing, or access denied), or None if it is just broken."""
     try:
         fs, path = fsspec.core.url_to_fs(url, **options)
-        return fs.exists(path)
-    except Exception:  # no access at all: treat as missing, the job must not start
-        return False
+        if fs.exists(path):
+            fs.info(path)  # existence can be listed where reading is denied
+            return None
+        return f"shard {url}: no such file or object"
+    except PermissionError as e:
+        return f"shard {url}: access denied ({type(e).__name__}: {e})"
+    except Exception as e:  # no access at all: the job must not start
+        return f"shard {url}: cannot be reached ({type(e).__name__}: {e})"
 
 
 def decode_spec(config: PrecomputeConfig, extractor: FeatureExtractor):
@@ -212,7 +222,7 @@ def sample_decoded(plan: Plan, count: int) -> list:
     quota, budget, found = math.ceil(count / max(len(picks), 1)), MAX_SCANNED_FACTOR * count + 100, []
     for shard in order:
         taken = 0
-        for raw in iter_shard_samples(shard.url, shard.options):
+        for raw in iter_shard_samples(shard.url, shard.options, retry=plan.config.retry):
             budget -= 1
             if raw.get("__key__") is None or budget < 0:
                 break

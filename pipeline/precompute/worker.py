@@ -311,7 +311,7 @@ def _read_shard(shard: Any, config: PrecomputeConfig, spec, pool: ThreadPoolExec
 
     url = shard.url
     try:
-        for raw in iter_shard_samples(url, shard.options):
+        for raw in iter_shard_samples(url, shard.options, retry=config.retry):
             if raw.get("__key__") is None:  # the end marker of a read that broke
                 put(str(raw.get("__error__") or f"shard {url}: read ended early"))
                 break

@@ -42,6 +42,8 @@ TRANSIENT_NAMES = {"EndpointConnectionError", "ConnectTimeoutError", "ReadTimeou
 class TransientIOError(FeatUpError):
     """Storage stayed unavailable for the whole retry budget; nothing is lost: rerunning the same command resumes."""
 
+    exit_code = 1  # the job failed (not a usage error): the CLI exits 1
+
     def __init__(self, operation: str, target: str, cause: BaseException, budget_s: float) -> None:
         self.operation, self.target, self.cause = operation, target, cause
         super().__init__(

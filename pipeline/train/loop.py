@@ -170,7 +170,7 @@ def prepare(config: TrainConfig) -> _Setup:
         raise ConfigError(
             f"--image-size: expected a multiple of the stride {backbone.stride} of backbone {config.backbone!r}, got {config.image_size}"
         )
-    urls = expand_inputs(config.inputs)
+    urls = expand_inputs(config.inputs, config.storage_options)
     shards = scan_shards(urls, config.storage_options)  # every shard readable before anything starts
     lowres = config.image_size // backbone.stride
     stages = config.stages or num_stages_for(lowres, config.image_size)
