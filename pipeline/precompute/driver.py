@@ -64,14 +64,33 @@ def run_precompute(
             driver = Driver(plan, store, committed, projection, clean=clean, run_id=run_id, err=err, heartbeat=heartbeat)
             with ray_session(config.address, _local_cpus(config)) if driver.queue else nullcontext():
                 report = driver.run()
-            store.write_report(report)
+            _write_report(store, report, err)
     finally:
-        store.release_lock()
+        _release_lock(store, err)
     print(json.dumps(report, indent=2) if json_output else format_run_summary(report, store.report_url), file=out)
     if report["failure"]:
         reasons = summarize_reasons(report["samples"]["error_reasons"])
         print(f"featup: error: {report['failure']}" + (f"; most common reasons:\n{reasons}" if reasons else ""), file=err)
     return EXIT_OK if report["status"] == "complete" else EXIT_FAILED
+
+
+def _write_report(store, report: dict, err: TextIO) -> None:
+    """Writes report.json; storage still down after the retry budget fails the run (its rows and commits are safe)."""
+    try:
+        store.write_report(report)
+    except TransientIOError as e:
+        report["status"] = "failed"
+        report["failure"] = report["failure"] or str(e)
+        print(f"featup: warning: the run report was not written: {e}", file=err)
+
+
+def _release_lock(store, err: TextIO) -> None:
+    """Releases the lock; if storage is still down it is left to go stale (a rerun from this host takes it over)."""
+    try:
+        store.release_lock()
+    except TransientIOError as e:
+        print(f"featup: warning: the store's lock was not released ({e}); it expires after "
+              f"{store.lock_stale_after_s:g} s without renewal", file=err)
 
 
 def open_store(plan: Plan, run_id: str, err: TextIO):
