@@ -40,6 +40,13 @@ def _zstd(dtype: np.dtype) -> tuple[BytesBytesCodec, ...]:
     return (ZstdCodec(level=ZSTD_LEVEL),)
 
 
+@LOSSLESS.register("zstd-3")
+def _zstd3(dtype: np.dtype) -> tuple[BytesBytesCodec, ...]:
+    """Zstandard level 3: what ``auto`` picks for int8 codes (about 1.3x smaller than level 1 on them, and codes are
+    half the bytes of float16, so it still encodes 260-330 MB/s of float16-equivalent features per core)."""
+    return (ZstdCodec(level=3),)
+
+
 @LOSSLESS.register("blosc-zstd")
 def _blosc_zstd(dtype: np.dtype) -> tuple[BytesBytesCodec, ...]:
     """Blosc with byte shuffle and zstd level 1: float16 exponent bytes grouped together compress far better."""
@@ -58,27 +65,32 @@ def _none(dtype: np.dtype) -> tuple[BytesBytesCodec, ...]:
     return ()
 
 
-# What ``auto`` means, by dtype kind, chosen by bench/bench_codecs.py on JBU outputs (see /work/notes/codecs12.md):
-# floats: blosc-zstd (1.6x at ~240 MB/s per core); integers (images, labels, int8 codes): zstd.
+# What ``auto`` means, chosen by bench/bench_codecs.py on JBU outputs (table in /work/notes/codecs12.md): float maps
+# blosc-zstd (1.8x smaller than float16 at ~230 MB/s per core; lz4 is faster but 1.6x); images and labels zstd;
+# int8 feature codes zstd-3 (bytes shuffling does nothing on 1-byte items; level 3 reaches ~4x against float16).
 AUTO = {"f": "blosc-zstd", "u": "zstd", "i": "zstd", "b": "zstd"}
+AUTO_CODES = "zstd-3"
 CODEC_NAMES = ("auto", *LOSSLESS.names())
 
 
-def resolve_codec(name: str, dtype: np.dtype | str | type) -> str:
-    """The concrete lossless codec ``name`` stands for on arrays of ``dtype`` (``auto`` resolved by dtype kind)."""
+def resolve_codec(name: str, dtype: np.dtype | str | type, codes: bool = False) -> str:
+    """The concrete lossless codec ``name`` stands for on arrays of ``dtype`` (``auto``: by dtype kind, or
+    ``AUTO_CODES`` for the int8 codes of quantized features when ``codes``)."""
     if name not in CODEC_NAMES:
         raise ConfigError(f"codec: expected one of {', '.join(CODEC_NAMES)}, got {name!r}")
     if name != "auto":
         return name
+    if codes:
+        return AUTO_CODES
     kind = np.dtype(dtype).kind
     if kind not in AUTO:
         raise ConfigError(f"codec auto: expected a numeric array dtype, got {np.dtype(dtype)}")
     return AUTO[kind]
 
 
-def compressors_for(name: str, dtype: np.dtype | str | type) -> tuple[BytesBytesCodec, ...]:
-    """Zarr v3 ``compressors=`` of codec ``name`` for arrays of ``dtype``."""
-    return LOSSLESS.get(resolve_codec(name, dtype))(np.dtype(dtype))
+def compressors_for(name: str, dtype: np.dtype | str | type, codes: bool = False) -> tuple[BytesBytesCodec, ...]:
+    """Zarr v3 ``compressors=`` of codec ``name`` for arrays of ``dtype`` (``codes``: int8 feature codes)."""
+    return LOSSLESS.get(resolve_codec(name, dtype, codes))(np.dtype(dtype))
 
 
 def tile_side(size: int, requested: int) -> int:
@@ -163,11 +175,18 @@ class StorageCodec:
         return np.dtype(np.uint8) if self.quantize == "int8" else np.dtype(dtype)
 
     def array_kwargs(self, dtype: np.dtype | str | type, shape_per_row: Sequence[int],
-                     spatial_axes: Sequence[int] | None = None) -> dict[str, Any]:
+                     spatial_axes: Sequence[int] | None = None, codes: bool = False) -> dict[str, Any]:
         """``zarr`` ``create_array`` keywords (chunks, shards, filters, serializer, compressors) for stored ``dtype``.
 
-        ``dtype`` is what is stored (``stored_dtype`` for the features); ``spatial_axes`` as in ``sharded_layout``.
+        ``dtype`` is what is stored (``stored_dtype`` for the features); ``spatial_axes`` as in ``sharded_layout``;
+        ``codes``: the array holds int8 feature codes (``auto`` picks their codec).
         """
         chunks, shards = sharded_layout(shape_per_row, spatial_axes, self.tile)
         return {"chunks": chunks, "shards": shards, "filters": (), "serializer": "auto",
-                "compressors": compressors_for(self.codec, dtype)}
+                "compressors": compressors_for(self.codec, dtype, codes)}
+
+    def feature_kwargs(self, dtype: np.dtype | str | type, shape_per_row: Sequence[int],
+                       spatial_axes: Sequence[int] = (1, 2)) -> dict[str, Any]:
+        """``create_array`` keywords of a feature array computed as ``dtype``, dtype included (uint8 when quantized)."""
+        stored = self.stored_dtype(dtype)
+        return {"dtype": stored, **self.array_kwargs(stored, shape_per_row, spatial_axes, codes=self.quantize is not None)}

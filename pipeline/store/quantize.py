@@ -41,17 +41,20 @@ def quantize_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Te
     """
     if x.ndim != 4 or not x.is_floating_point():
         raise InputError(f"quantize_int8: expected a float tensor (B, C, H, W), got {x.dtype} of shape {tuple(x.shape)}")
-    x = x.float()  # (B, C, H, W) float32
-    bad = ~torch.isfinite(x)
+    flat = x.flatten(2)  # (B, C, H*W), the input dtype
+    low, high = torch.aminmax(flat, dim=2)  # (B, C) each; NaN propagates into both, inf into one
+    low, high = low.float(), high.float()
+    bad = ~(torch.isfinite(low) & torch.isfinite(high))  # (B, C)
     if bool(bad.any()):
-        rows = torch.nonzero(bad.flatten(1).any(1)).flatten().tolist()
-        raise InputError(f"quantize_int8: expected finite features, got {int(bad.sum())} NaN/inf values in samples {rows}")
-    flat = x.flatten(2)  # (B, C, H*W)
-    offset = flat.amin(2)  # (B, C)
-    span = flat.amax(2) - offset  # (B, C)
-    scale = span / QUANT_LEVELS
+        rows = torch.nonzero(bad.any(1)).flatten().tolist()
+        count = int((~torch.isfinite(x[rows])).sum())
+        raise InputError(f"quantize_int8: expected finite features, got {count} NaN/inf values in samples {rows}")
+    span = high - low  # (B, C)
+    scale, offset = span / QUANT_LEVELS, low
     inv = torch.where(span > 0, QUANT_LEVELS / span.clamp_min(torch.finfo(torch.float32).tiny), torch.zeros_like(span))
-    codes = torch.round((x - offset[..., None, None]) * inv[..., None, None]).clamp_(0, QUANT_LEVELS)
+    # codes = round((x - offset) * inv) as one fused multiply-add: x * inv + (-offset * inv)
+    codes = torch.addcmul((-offset * inv)[..., None, None], x.float(), inv[..., None, None])  # (B, C, H, W) float32
+    codes.round_().clamp_(0, QUANT_LEVELS)
     return codes.to(torch.uint8), scale, offset
 
 
@@ -81,11 +84,26 @@ def _check_keep_bits(keep_bits: int) -> int:
     return int(keep_bits)
 
 
-def _round_magnitude(mag, drop: int):
-    """Rounds 15-bit float16 magnitudes (int32, sign removed) to nearest, ties to even, dropping ``drop`` low bits."""
-    half = (1 << (drop - 1)) - 1
-    mask = ~((1 << drop) - 1)
-    return (mag + ((mag >> drop) & 1) + half) & mask
+def _round_bits(bits, drop: int, where):
+    """Float16 bit patterns ``bits`` (int16, numpy or torch) with ``drop`` low mantissa bits rounded away, in place.
+
+    Works on the magnitude (sign bit cleared), which stays below 0x8000 for finite values even after the rounding
+    carry, so int16 arithmetic cannot overflow there; NaN/inf magnitudes (>= 0x7C00) are restored afterwards.
+    """
+    low = (1 << drop) - 1
+    sign = bits & -0x8000  # the sign bit alone
+    mag = bits & 0x7FFF
+    rounded = (mag >> drop) & 1  # ties go to the even neighbour: add half - 1, plus 1 when the kept LSB is odd
+    rounded += mag
+    rounded += (1 << (drop - 1)) - 1
+    rounded &= ~low
+    special = mag >= 0x7C00  # NaN and inf: unchanged
+    overflow = rounded >= 0x7C00  # a finite value rounded up to inf: truncate it instead (the largest finite below)
+    overflow &= ~special
+    rounded = where(overflow, mag & ~low, rounded)
+    rounded = where(special, mag, rounded)
+    rounded |= sign
+    return rounded
 
 
 def round_mantissa(x: np.ndarray, keep_bits: int) -> np.ndarray:
@@ -101,12 +119,8 @@ def round_mantissa(x: np.ndarray, keep_bits: int) -> np.ndarray:
     drop = 10 - _check_keep_bits(keep_bits)
     if drop == 0:
         return np.array(x, copy=True)
-    bits = np.ascontiguousarray(x).view(np.uint16).astype(np.int32)
-    sign, mag = bits & 0x8000, bits & 0x7FFF
-    rounded = _round_magnitude(mag, drop)
-    rounded = np.where(rounded >= 0x7C00, mag & ~((1 << drop) - 1), rounded)  # overflow to inf: truncate instead
-    rounded = np.where(mag >= 0x7C00, mag, rounded)  # NaN, inf unchanged
-    return (sign | rounded).astype(np.uint16).view(np.float16)
+    bits = np.ascontiguousarray(x).view(np.int16)
+    return _round_bits(bits, drop, np.where).view(np.float16)
 
 
 def round_mantissa_torch(x: torch.Tensor, keep_bits: int) -> torch.Tensor:
@@ -116,10 +130,4 @@ def round_mantissa_torch(x: torch.Tensor, keep_bits: int) -> torch.Tensor:
     drop = 10 - _check_keep_bits(keep_bits)
     if drop == 0:
         return x.clone()
-    bits = x.contiguous().view(torch.int16).to(torch.int32) & 0xFFFF
-    sign, mag = bits & 0x8000, bits & 0x7FFF
-    rounded = _round_magnitude(mag, drop)
-    rounded = torch.where(rounded >= 0x7C00, mag & ~((1 << drop) - 1), rounded)
-    rounded = torch.where(mag >= 0x7C00, mag, rounded)
-    out = sign | rounded  # 0..65535
-    return torch.where(out >= 0x8000, out - 0x10000, out).to(torch.int16).view(torch.float16)
+    return _round_bits(x.contiguous().view(torch.int16), drop, torch.where).view(torch.float16)

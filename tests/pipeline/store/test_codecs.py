@@ -116,18 +116,19 @@ def test_sharded_layout_refuses_bad_axes_and_tile_none_is_one_chunk():
 
 
 def test_codec_registry_and_auto():
-    assert CODEC_NAMES == ("auto", "blosc-lz4", "blosc-zstd", "none", "zstd")
+    assert CODEC_NAMES == ("auto", "blosc-lz4", "blosc-zstd", "none", "zstd", "zstd-3")
+    assert resolve_codec("auto", np.uint8, codes=True) == "zstd-3" and resolve_codec("zstd", np.uint8, codes=True) == "zstd"
     assert resolve_codec("auto", np.float16) == "blosc-zstd" and resolve_codec("auto", "float32") == "blosc-zstd"
     assert resolve_codec("auto", np.uint8) == "zstd" and resolve_codec("zstd", np.float16) == "zstd"
     (blosc,) = compressors_for("blosc-lz4", np.float32)
     assert (blosc.cname.value, blosc.shuffle.value, blosc.typesize, blosc.clevel) == ("lz4", "shuffle", 4, 1)
     assert compressors_for("none", np.float16) == ()
-    with pytest.raises(ConfigError, match="codec: expected one of auto, blosc-lz4, blosc-zstd, none, zstd, got 'gzip'"):
+    with pytest.raises(ConfigError, match="codec: expected one of auto, blosc-lz4, blosc-zstd, none, zstd, zstd-3, got 'gzip'"):
         resolve_codec("gzip", np.float16)
 
 
 @pytest.mark.parametrize("kwargs,message", [
-    ({"codec": "lz4"}, "codec: expected one of auto, blosc-lz4, blosc-zstd, none, zstd, got 'lz4'"),
+    ({"codec": "lz4"}, "codec: expected one of auto, blosc-lz4, blosc-zstd, none, zstd, zstd-3, got 'lz4'"),
     ({"quantize": "int4"}, "quantize: expected None or one of int8, got 'int4'"),
     ({"keep_bits": 0}, "keep_bits: expected None or an integer from 1 to 10, got 0"),
     ({"keep_bits": 11}, "keep_bits: expected None or an integer from 1 to 10, got 11"),
@@ -189,7 +190,11 @@ def test_int8_store_reads_back_within_one_percent(location):
     codes, scale, offset = quantize_int8(x)
     codec = StorageCodec(quantize="int8")
     store = open_store(url, options)
-    create(store, "features", codes.numpy(), codec, (1, 2), attributes=quant_attrs("features"))
+    kwargs = codec.feature_kwargs(np.float32, codes.shape[1:])
+    assert kwargs.pop("dtype") == np.uint8 and kwargs["compressors"][0].level == 3
+    arr = zarr.create_array(store, name="features", shape=codes.shape, fill_value=0, dtype=np.uint8, **kwargs,
+                            attributes=quant_attrs("features"))
+    arr[:] = codes.numpy()
     create(store, "features_scale", scale.numpy(), codec)
     create(store, "features_offset", offset.numpy(), codec)
     group = zarr.open_group(open_store(url, options), mode="r")
