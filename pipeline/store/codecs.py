@@ -6,8 +6,10 @@ so any Zarr v3 implementation reads the store; the lossy steps run before encodi
 on the model's device, and leave plain ``uint8`` / ``float16`` arrays. Typical use::
 
     codec = StorageCodec(codec="auto", quantize=None, keep_bits=None)
-    kwargs = codec.array_kwargs(np.float16, (384, 224, 224), spatial_axes=(1, 2))
-    group.create_array("features", shape=(rows, 384, 224, 224), dtype="float16", **kwargs)
+    group.create_array("features", shape=(rows, 384, 224, 224), fill_value=0,
+                       **codec.feature_kwargs(np.float16, (384, 224, 224)))  # dtype included: uint8 when quantized
+    group.create_array("image", shape=(rows, 224, 224, 3), dtype="uint8", fill_value=0,
+                       **codec.array_kwargs(np.uint8, (224, 224, 3), spatial_axes=(0, 1)))
 """
 
 from __future__ import annotations
