@@ -12,7 +12,7 @@ into a zarr v3 array (in memory, the store's sharded layout) on one thread and p
 Then a crop table: random 112x112 crops from a sharded and an unsharded store, local and s3:// (a moto server
 subprocess on 127.0.0.1): samples/s and bytes read per crop.
 
-    python bench/bench_codecs.py [--maps 6] [--size 224] [--crop 112] [--crops 24] [--crop-maps 3] [--repeats 3]
+    python bench/bench_codecs.py [--maps 4] [--size 224] [--crop 112] [--crops 24] [--crop-maps 3] [--repeats 3]
 """
 
 from __future__ import annotations
@@ -265,18 +265,21 @@ def print_tables(args: argparse.Namespace, codecs: list[dict], crops: list[dict]
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--maps", type=int, default=6, help="JBU maps made (about 10-25 s each on a busy 2-core CPU)")
+    parser.add_argument("--maps", type=int, default=4, help="JBU maps made (about 10-25 s each on a busy 2-core CPU)")
     parser.add_argument("--crop-maps", type=int, default=3, help="maps written to each crop store")
     parser.add_argument("--size", type=int, default=224, help="image and feature side")
     parser.add_argument("--crop", type=int, default=112)
     parser.add_argument("--crops", type=int, default=24, help="random crops read per store")
     parser.add_argument("--repeats", type=int, default=3, help="timings per map (the best is kept)")
     args = parser.parse_args(argv)
+    start = time.perf_counter()
     maps = feature_maps(args.maps, args.size)  # (N, 384, S, S) float16; built with the machine's torch threads
+    print(f"{args.maps} maps made in {time.perf_counter() - start:.0f} s", file=sys.stderr)
     torch.set_num_threads(1)
     numcodecs.blosc.set_nthreads(1)
     with zarr.config.set({"threading.max_workers": 1, "async.concurrency": 1}):
         codecs = codec_rows(maps, args.repeats)
+    print(f"codec table done at {time.perf_counter() - start:.0f} s", file=sys.stderr)
     folder = tempfile.mkdtemp(prefix="bench-codecs-")
     try:
         few = maps[:args.crop_maps]

@@ -148,6 +148,11 @@ def test_storage_codec_fingerprint_and_dtypes():
     assert StorageCodec().stored_dtype("float32") == np.float32
     with pytest.raises(ConfigError, match="keep_bits: expected float16 features, got float32"):
         StorageCodec(keep_bits=7).stored_dtype(np.float32)
+    plain = StorageCodec(keep_bits=7).feature_kwargs(np.float16, (384, 224, 224))
+    assert plain["dtype"] == np.float16 and plain["chunks"] == (1, 384, 56, 56) and plain["shards"] == (1, 384, 224, 224)
+    assert plain["compressors"][0].cname.value == "zstd" and plain["compressors"][0].typesize == 2
+    with pytest.raises(ConfigError, match="keep_bits: expected float16 features, got float32"):
+        StorageCodec(keep_bits=7).feature_kwargs(np.float32, (3, 8, 8))
 
 
 @pytest.mark.parametrize("tile", [64, None], ids=["sharded", "one-chunk"])
