@@ -45,7 +45,8 @@ def test_setup_installs_the_pipeline_extra_with_the_synced_constraints_pinning_t
     setup = "\n".join(config["setup_commands"])
     installs = [c for c in config["setup_commands"] if re.search(r"pip install", c)]
     assert len(installs) == 1, installs  # one install, every package from the lock (nothing installed unpinned)
-    assert re.search(r"pip install .*-c ~/featup-pipeline/constraints\.txt\s+-e .*featup-pipeline\[pipeline\]", setup)
+    install = re.search(r"pip install .*-c ~/featup-pipeline/constraints\.txt\s+-e \S*featup-pipeline\[pipeline\]\S*(.*)", setup)
+    assert install and install[1].split() == ["boto3"]  # the project and the autoscaler's boto3, both from the lock
     # constraints.txt reaches every node with the project folder: mounted, not excluded, not git-ignored.
     assert config["file_mounts"]["~/featup-pipeline"] == "."
     assert (ROOT / "constraints.txt").is_file()
@@ -65,7 +66,7 @@ def test_setup_installs_the_pipeline_extra_with_the_synced_constraints_pinning_t
         name, version = pin.split("==")
         assert lock[name] == version, pin
     assert lock["ray"] == ray.__version__  # the submitting client (installed from the same file) and the cluster match
-    assert "boto3" in lock  # the autoscaler's AWS provider on the head (through s3fs[boto3])
+    assert "boto3" in lock  # pinned (moto needs it too), so the nodes' boto3 matches the botocore aiobotocore pins
     assert "~/.ray/auth_token" in config["file_mounts"]  # one token on every node (Ray's token authentication)
 
 
