@@ -19,8 +19,9 @@ $(BIN)/python:
 
 # Every dependency at its version in constraints.txt: one candidate each, nothing for pip to backtrack through.
 # torch and torchvision are pinned there (and in pyproject.toml); pip takes them from the machine's local wheels when present.
+# --no-compile: modules are byte-compiled when first imported instead of all ~19k files up front (install 3.6 -> 2.2 min here).
 $(VENV)/.installed: pyproject.toml $(CONSTRAINTS) | $(BIN)/python
-	$(BIN)/python -m pip install --quiet -c $(CONSTRAINTS) -e '.[pipeline,test,demo]'
+	$(BIN)/python -m pip install --quiet --no-compile -c $(CONSTRAINTS) -e '.[pipeline,test,demo]'
 	touch $@
 
 demo: $(VENV)/.installed
