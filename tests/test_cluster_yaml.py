@@ -1,6 +1,7 @@
-"""cluster.yaml: valid for Ray's cluster launcher (its own schema check), GPU node types of 1 and 4 GPUs on spot, pinned setup."""
+"""cluster.yaml: valid for Ray's cluster launcher (its own schema check), GPU node types of 1 and 4 GPUs on spot, setup from constraints.txt."""
 
 import copy
+import fnmatch
 import re
 import tomllib
 from pathlib import Path
@@ -38,17 +39,34 @@ def test_head_is_cpu_only_and_gpu_workers_of_1_and_4_gpus_autoscale_on_spot(conf
         assert node_type["resources"]["CPU"] >= 4 * node_type["resources"]["GPU"], name  # CPUs to decode for each GPU
 
 
-def test_setup_installs_the_project_with_the_pinned_torch_and_this_ray(config):
+def test_setup_installs_the_pipeline_extra_with_the_synced_constraints_pinning_torch_and_this_ray(config):
     import ray
 
+    setup = "\n".join(config["setup_commands"])
+    installs = [c for c in config["setup_commands"] if re.search(r"pip install", c)]
+    assert len(installs) == 1, installs  # one install, every package from the lock (nothing installed unpinned)
+    install = re.search(r"pip install .*-c ~/featup-pipeline/constraints\.txt\s+-e \S*featup-pipeline\[pipeline\]\S*(.*)", setup)
+    assert install and install[1].split() == ["boto3"]  # the project and the autoscaler's boto3, both from the lock
+    # constraints.txt reaches every node with the project folder: mounted, not excluded, not git-ignored.
+    assert config["file_mounts"]["~/featup-pipeline"] == "."
+    assert (ROOT / "constraints.txt").is_file()
+    ignored = list(config["rsync_exclude"])
+    for name in config["rsync_filter"]:
+        ignored += [line.strip().strip("/") for line in (ROOT / name).read_text().splitlines()
+                    if line.strip() and not line.startswith("#")]
+    assert not [p for p in ignored if fnmatch.fnmatch("constraints.txt", p)]
+    lock = {}
+    for line in (ROOT / "constraints.txt").read_text().splitlines():
+        if line and not line.startswith((" ", "#", "-")):
+            name, version = line.split("==")
+            lock[name] = version
     pins = [d for d in tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"] if "==" in d]
     assert any(p.startswith("torch==") for p in pins)
-    setup = "\n".join(config["setup_commands"])
     for pin in pins:
-        assert pin in setup, pin
-    assert f'"ray[default]=={ray.__version__}"' in setup  # the submitting client and the cluster must match
-    assert re.search(r"pip install .*-e .*featup-pipeline\[pipeline\]", setup)
-    assert config["file_mounts"]["~/featup-pipeline"] == "."
+        name, version = pin.split("==")
+        assert lock[name] == version, pin
+    assert lock["ray"] == ray.__version__  # the submitting client (installed from the same file) and the cluster match
+    assert "boto3" in lock  # pinned (moto needs it too), so the nodes' boto3 matches the botocore aiobotocore pins
     assert "~/.ray/auth_token" in config["file_mounts"]  # one token on every node (Ray's token authentication)
 
 
