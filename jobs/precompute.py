@@ -36,6 +36,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     data.add_argument("--max-errors", default=None,
                       help="give up past this many failed samples: a count (10), a fraction (0.01, 1%%) or none (default 5%%)")
     data.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE", help="fsspec storage option (repeatable)")
+    store = parser.add_argument_group("store encoding")
+    store.add_argument("--codec", default="auto", choices=("auto", "zstd", "zstd-3", "blosc-zstd", "blosc-lz4", "none"),
+                       help="lossless codec (default auto: blosc byte-shuffle + zstd for float arrays, zstd for the rest)")
+    store.add_argument("--quantize", default=None, choices=("int8",),
+                       help="int8: per sample and channel 8-bit affine feature codes (~4x smaller, <1%% error; readers decode)")
+    store.add_argument("--keep-bits", type=int, default=None, metavar="N",
+                       help="keep N (1-10) float16 mantissa bits before the codec (lossy; not with --quantize)")
+    store.add_argument("--tile", type=positive_int, default=64,
+                       help="side of the spatial tiles inside each sample's shard, so crops read only theirs (default 64)")
     res = parser.add_argument_group("resources")
     res.add_argument(
         "--actors", type=actor_count, default=None,
@@ -103,6 +112,7 @@ def build_config(args: argparse.Namespace):
         address=args.address,
         **({} if args.max_errors is None else {"max_errors": parse_max_errors(args.max_errors)}),
         io_retry_seconds=args.io_retry_seconds,
+        codec=args.codec, quantize=args.quantize, keep_bits=args.keep_bits, tile=args.tile,
         max_pixels=args.max_pixels,
         overwrite=args.overwrite,
         dry_run=args.dry_run,

@@ -9,6 +9,7 @@ from typing import Any
 from featup.errors import ConfigError
 from pipeline.runtime.retry import DEFAULT_BUDGET_S, RetryPolicy
 from pipeline.runtime.storage import Location
+from pipeline.store.codecs import StorageCodec
 
 DTYPES = ("float16", "bfloat16", "float32")
 DEFAULT_MAX_ERRORS = 0.05  # --max-errors: 5% of all samples
@@ -36,6 +37,9 @@ FINGERPRINT_FIELDS = (
     "seed",
     "pca_images",
     "implicit",
+    "codec",
+    "quantize",
+    "keep_bits",
 )
 
 
@@ -71,6 +75,10 @@ class PrecomputeConfig:
     # than the usual tail of unreadable files; a job in which no sample succeeded always fails.
     max_errors: int | float | None = DEFAULT_MAX_ERRORS
     io_retry_seconds: float = DEFAULT_BUDGET_S  # how long transient storage faults are retried before the job stops
+    codec: str = "auto"  # lossless codec of the stored arrays (pipeline.store.codecs: auto = blosc-zstd for floats)
+    quantize: str | None = None  # "int8": per sample and channel affine 8-bit feature codes (lossy, ~4x smaller)
+    keep_bits: int | None = None  # float16 mantissa bits kept (1..10) before the lossless codec (lossy)
+    tile: int | None = 64  # side of the spatial inner chunks of each sample's shard (crops read only their tiles)
     max_pixels: int = 64_000_000
     overwrite: bool = False
     dry_run: bool = False
@@ -91,6 +99,7 @@ class PrecomputeConfig:
         checkpoint = None if self.checkpoint is None else Location.resolve(self.checkpoint, self.storage_options)
         object.__setattr__(self, "checkpoint_location", checkpoint)
         _check_model(self)
+        _check_codec(self)
         _check_resources(self)
         _check_errors(self)
 
@@ -103,6 +112,11 @@ class PrecomputeConfig:
         local_share = self.address is None and self.actors != "auto"
         cpus = max(1, machine_cpus // int(self.actors)) if local_share else 1
         return replace(self, cpus_per_actor=float(cpus))
+
+    @property
+    def storage_codec(self) -> StorageCodec:
+        """How the store encodes its arrays: ``--codec``, ``--quantize``, ``--keep-bits`` and the crop tiles."""
+        return StorageCodec(codec=self.codec, quantize=self.quantize, keep_bits=self.keep_bits, tile=self.tile)
 
     @property
     def retry(self) -> RetryPolicy:
@@ -187,6 +201,14 @@ def _check_model(c: PrecomputeConfig) -> None:
     reserved = {"features", "lowres", "image"}.intersection(c.labels)
     if reserved or (c.image_key is not None and c.image_key in c.labels):
         raise ConfigError(f"--labels: expected names other than the image and the stored arrays, got {sorted(reserved) or [c.image_key]}")
+
+
+def _check_codec(c: PrecomputeConfig) -> None:
+    """The storage codec settings, validated by building them (errors name the flag)."""
+    codec = c.storage_codec
+    if c.keep_bits is not None and c.storage_dtype != "float16":
+        raise ConfigError(f"--keep-bits: expected --dtype float16 (it rounds float16 mantissas), got --dtype {c.dtype}")
+    codec.check_features_dtype(c.storage_dtype)
 
 
 def _check_implicit(c: PrecomputeConfig) -> None:

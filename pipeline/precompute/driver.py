@@ -119,7 +119,7 @@ def open_store(plan: Plan, run_id: str, err: TextIO):
     attrs = {**plan.attrs, "pca": projection.to_attrs() if projection else None}
     store = FeatureStore.create(
         c.output, num_rows=plan.num_rows, arrays=plan.arrays, attrs=attrs, storage_options=options, overwrite=c.overwrite,
-        keys=plan_keys(plan), retry=c.retry
+        keys=plan_keys(plan), retry=c.retry, codec=c.storage_codec,
     )
     store.acquire_lock(run_id, heartbeat_s=HEARTBEAT_S)
     return store, set(), projection, True

@@ -104,10 +104,16 @@ class FeatureExtractor:
         return self.config.channels or self.backbone.dim
 
     def array_shapes(self) -> dict[str, tuple[tuple[int, ...], str]]:
-        """Per-row shape and numpy dtype of each array ``__call__`` returns."""
-        shapes = {"features": ((self.channels, *self.output_size), self.config.storage_dtype)}
+        """Per-row shape and numpy dtype of each array ``__call__`` returns (codes, scale and offset when quantized)."""
+        maps = {"features": (self.channels, *self.output_size)}
         if self.config.save_lowres:
-            shapes["lowres"] = ((self.channels, *self.lowres_size), self.config.storage_dtype)
+            maps["lowres"] = (self.channels, *self.lowres_size)
+        if self.config.quantize is None:
+            return {name: (shape, self.config.storage_dtype) for name, shape in maps.items()}
+        shapes = {}
+        for name, shape in maps.items():
+            shapes[name] = (shape, "uint8")
+            shapes[f"{name}_scale"] = shapes[f"{name}_offset"] = ((self.channels,), "float32")
         return shapes
 
     def provenance(self) -> dict[str, Any]:
@@ -135,7 +141,10 @@ class FeatureExtractor:
         out = {"features": self._upsample(lr, x)}  # (B, K, H, W)
         if self.config.save_lowres:
             out["lowres"] = self._project_lowres(lr)  # (B, K, h, w)
-        return {name: self._to_storage(value) for name, value in out.items()}
+        stored: dict[str, np.ndarray] = {}
+        for name, value in out.items():
+            stored.update(self._to_storage(name, value))
+        return stored
 
     @property
     def image_progress(self) -> float:
@@ -161,13 +170,24 @@ class FeatureExtractor:
     def _apply_projection(self, feats: torch.Tensor) -> torch.Tensor:
         return torch.einsum("kc,bchw->bkhw", self._weight, feats) + self._bias.view(1, -1, 1, 1)  # (B, K, h, w)
 
-    def _to_storage(self, x: torch.Tensor) -> np.ndarray:
-        """Round to the configured dtype (as a GPU run would), then to the storage dtype on the CPU."""
+    def _to_storage(self, name: str, x: torch.Tensor) -> dict[str, np.ndarray]:
+        """Round to the configured dtype (as a GPU run would), then to what is stored, on the model's device.
+
+        The lossy steps run here, where the features are: int8 codes with their per-channel scale and offset
+        (``--quantize int8``), or float16 with ``--keep-bits`` mantissa bits; only the stored bytes go to the CPU.
+        """
+        from pipeline.store.quantize import quantize_int8, round_mantissa_torch
+
         x = x.to(TORCH_DTYPES[self.config.dtype])
+        if self.config.quantize is not None:
+            codes, scale, offset = quantize_int8(x.float().contiguous())  # (B, C, H, W) uint8, (B, C), (B, C)
+            return {name: codes.cpu().numpy(), f"{name}_scale": scale.cpu().numpy(), f"{name}_offset": offset.cpu().numpy()}
         # One pass to the storage dtype and to NCHW order (the JBU returns channels-last): torch does this
         # about 2x faster than the transposing copy zarr would make of a strided numpy array.
         x = x.to(TORCH_DTYPES[self.config.storage_dtype], memory_format=torch.contiguous_format)
-        return x.cpu().numpy()
+        if self.config.keep_bits is not None:
+            x = round_mantissa_torch(x, self.config.keep_bits)
+        return {name: x.cpu().numpy()}
 
 
 def build_upsampler_for(config: PrecomputeConfig, dim: int, num_stages: int = 4) -> nn.Module:

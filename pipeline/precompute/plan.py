@@ -178,15 +178,23 @@ def array_specs(plan: Plan, labels: dict[str, tuple[tuple[int, ...], str]]) -> l
     """The stored arrays; dimension names are shared only between axes of equal size (so xarray opens the store)."""
     from pipeline.store.features import ArraySpec
 
-    shapes = plan.extractor.array_shapes()
+    from pipeline.store.quantize import quant_attrs
+
     dims = {"features": ("channel", "y", "x"), "lowres": ("channel", "lowres_y", "lowres_x")}
-    specs = [ArraySpec(name, shape, dtype, dims[name]) for name, (shape, dtype) in shapes.items()]
+    quantized = plan.config.quantize is not None
+    specs = []
+    for name, (shape, dtype) in plan.extractor.array_shapes().items():
+        if name in dims:  # features / lowres: (C, H, W), int8 codes with their per-channel scale and offset if quantized
+            specs.append(ArraySpec(name, shape, dtype, dims[name], spatial_axes=(1, 2), codes=quantized,
+                                   attributes=quant_attrs(name) if quantized else None))
+        else:  # f"{name}_scale" / f"{name}_offset": (C,) float32 per row
+            specs.append(ArraySpec(name, shape, dtype, ("channel",)))
     s = plan.config.image_size
     if plan.config.save_image:
-        specs.append(ArraySpec("image", (s, s, 3), "uint8", ("image_y", "image_x", "rgb")))
+        specs.append(ArraySpec("image", (s, s, 3), "uint8", ("image_y", "image_x", "rgb"), spatial_axes=(0, 1)))
     for name, (shape, dtype) in labels.items():
         extra = tuple(f"{name.replace('.', '_')}_{i}" for i in range(2, len(shape)))
-        specs.append(ArraySpec(name, shape, dtype, ("image_y", "image_x", *extra)))
+        specs.append(ArraySpec(name, shape, dtype, ("image_y", "image_x", *extra), spatial_axes=(0, 1)))
     return specs
 
 

@@ -26,6 +26,7 @@ from featup.errors import ConfigError, InputError
 from pipeline.runtime.retry import RetryPolicy, is_transient
 from pipeline.runtime.storage import put_atomic
 from pipeline.store.access import retry_policy, store_call
+from pipeline.store.codecs import ZSTD_LEVEL, StorageCodec
 from pipeline.store.index import check_index_table, concat_index_tables, empty_index_table
 from pipeline.store.layout import (KEYS_ARRAY, LAYOUTS, SIDE_GROUP, STORE_FORMAT, Layout, create_side_group, layout_for,
                                    refuse_resume)
@@ -38,7 +39,7 @@ logger = logging.getLogger(__name__)
 
 # zstd level 1: float16 feature maps compress about 1.09x at level 1 and at level 3 alike, and level 1
 # takes about half the CPU time, which on a CPU actor is taken from the model.
-ZSTD_LEVEL = 1
+LEGACY_CODEC = StorageCodec(codec="zstd", tile=None)  # zstd level 1, one chunk per row
 ROW_DIM = "sample"
 KEY_CHUNK = 1 << 16  # sample keys per chunk of the ``sample`` coordinate (written once, at creation)
 RESERVED_NAMES = ("index", "commits", "report.json", "lock.json", "zarr.json", KEYS_ARRAY, SIDE_GROUP)
@@ -54,6 +55,9 @@ class ArraySpec:
     shape_per_row: tuple[int, ...]
     dtype: str
     dims: tuple[str, ...]
+    spatial_axes: tuple[int, ...] | None = None  # per-row axes tiled by a sharded layout (None: one chunk per row)
+    codes: bool = False  # int8 codes of a float array (the codec's ``auto`` picks their compressor)
+    attributes: dict | None = None  # e.g. the dequantisation formula of codes (pipeline.store.quantize.quant_attrs)
 
 
 class FeatureStore:
@@ -70,9 +74,11 @@ class FeatureStore:
     @classmethod
     def create(cls, url: str, *, num_rows: int, arrays: Sequence[ArraySpec], attrs: dict,
                storage_options: dict | None = None, overwrite: bool = False, keys: Sequence[str] | None = None,
-               retry: RetryPolicy | None = None) -> FeatureStore:
+               retry: RetryPolicy | None = None, codec: StorageCodec | None = None) -> FeatureStore:
         """Creates a new store (``overwrite`` first deletes an existing FeatUp store there) with empty, zero-filled arrays
-        and the sample key of every row (``keys``; duplicates allowed, "" where unknown) as the ``sample`` coordinate."""
+        and the sample key of every row (``keys``; duplicates allowed, "" where unknown) as the ``sample`` coordinate.
+
+        ``codec`` encodes the arrays (default: zstd level 1, one chunk per row, as stores were before codecs)."""
         layouts = _check_specs(arrays, num_rows)
         _check_json("store attributes", attrs)
         key_values = _check_keys(keys, num_rows)
@@ -81,8 +87,9 @@ class FeatureStore:
         _clear_location(url, fs, root, overwrite, retry)
         group_attrs = {"featup": attrs, "featup_store": {"format": STORE_FORMAT, "num_rows": num_rows, "arrays": list(layouts),
                                                          "keys": KEYS_ARRAY, "side_files": SIDE_GROUP}}
+        codec = codec if codec is not None else LEGACY_CODEC
         group = store_call(retry, "create the store at", url, _create_group, url, fs, root, storage_options, group_attrs,
-                           layouts, key_values)
+                           layouts, key_values, codec)
         return cls(url, fs, root, group, storage_options, "r+", retry)
 
     @classmethod
@@ -357,7 +364,7 @@ def _check_keys(keys: Sequence[str] | None, num_rows: int) -> np.ndarray:
 
 
 def _create_group(url: str, fs: fsspec.AbstractFileSystem, root: str, storage_options: dict | None, attrs: dict,
-                  layouts: dict, keys: np.ndarray) -> zarr.Group:
+                  layouts: dict, keys: np.ndarray, codec: StorageCodec) -> zarr.Group:
     """The new group with its arrays, the ``sample`` key coordinate and the side-file sub-group; safe to run again after
     a fault (a group found there with these very attributes is ours, written before the answer was lost)."""
     store = _zarr_store(url, fs, root, storage_options, read_only=False)
@@ -368,10 +375,11 @@ def _create_group(url: str, fs: fsspec.AbstractFileSystem, root: str, storage_op
         if dict(group.attrs) != _json_roundtrip(attrs):
             raise ConfigError(f"output {url}: expected a new location, got a store another job created at the same moment") from None
     for name, (spec, dims) in layouts.items():
-        # One sample per chunk: every stored object has one writer, and any row can be redone alone.
-        group.create_array(name, shape=(len(keys), *spec.shape_per_row), chunks=(1, *spec.shape_per_row), dtype=spec.dtype,
-                           compressors=zarr.codecs.ZstdCodec(level=ZSTD_LEVEL), dimension_names=dims, fill_value=0,
-                           overwrite=True)
+        # One sample per stored object (a chunk, or a shard of spatial tiles): every object has one writer, and any
+        # row can be redone alone.
+        layout = codec.array_kwargs(spec.dtype, spec.shape_per_row, spec.spatial_axes, codes=spec.codes)
+        group.create_array(name, shape=(len(keys), *spec.shape_per_row), dtype=spec.dtype, dimension_names=dims,
+                           fill_value=0, overwrite=True, attributes=spec.attributes, **layout)
     coordinate = group.create_array(KEYS_ARRAY, shape=(len(keys),), chunks=(max(1, min(len(keys), KEY_CHUNK)),), dtype=str,
                                     dimension_names=(ROW_DIM,), fill_value="", overwrite=True)
     if len(keys):

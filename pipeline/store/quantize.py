@@ -19,12 +19,13 @@ import torch
 from featup.errors import ConfigError, InputError
 
 QUANT_LEVELS = 255  # codes 0..255
+QUANTIZATION = "int8-affine-per-channel"  # the scheme's name in an array's attributes
 QUANT_FORMULA = "features = codes * scale[..., None, None] + offset[..., None, None]"
 
 
 def quant_attrs(name: str = "features") -> dict[str, Any]:
     """Attributes of an int8-coded array ``name``: the scheme, the formula and the names of its scale/offset arrays."""
-    return {"quantization": "int8-affine-per-channel", "formula": QUANT_FORMULA.replace("features", name, 1),
+    return {"quantization": QUANTIZATION, "formula": QUANT_FORMULA.replace("features", name, 1),
             "scale_array": f"{name}_scale", "offset_array": f"{name}_offset", "codes_dtype": "uint8",
             "decoded_dtype": "float32"}
 

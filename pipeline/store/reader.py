@@ -24,6 +24,7 @@ from featup.errors import ConfigError
 from pipeline.runtime.retry import RetryPolicy
 from pipeline.store.access import retry_policy, store_call
 from pipeline.store.features import FeatureStore
+from pipeline.store.quantize import QUANTIZATION, dequantize_int8_numpy
 
 CHANNEL_FIRST = ("features", "lowres")  # (C, H, W) per row; every other array is (H, W, ...) per row
 # Torch has few ops for wide unsigned ints: such labels are widened to the next signed type.
@@ -61,8 +62,11 @@ class FeatureReader:
         ok = self.index.filter(pc.equal(self.index["status"], "ok"))  # never error rows (failed, duplicate keys)
         self.rows = np.asarray(ok["row"].to_numpy(), dtype=np.int64)  # store row of each valid sample
         self.keys: list[str] = ok["key"].to_pylist()
-        self.shapes = {name: (tuple(store.array(name).shape[1:]), np.dtype(store.array(name).dtype))
-                       for name in store.array_names}  # per-row shape and dtype of every array
+        self.quantized = quantized_arrays(store)  # name -> (scale array, offset array) of int8-coded arrays
+        companions = {part for pair in self.quantized.values() for part in pair}
+        self.shapes = {name: (tuple(store.array(name).shape[1:]),
+                              np.dtype(np.float32) if name in self.quantized else np.dtype(store.array(name).dtype))
+                       for name in store.array_names if name not in companions}  # per-row shape and (decoded) dtype
         self.options = _check_options(options, self.shapes)
 
     def select(self, *, arrays: Sequence[str] | None = None, channels: Sequence[int] | None = None,
@@ -108,8 +112,19 @@ class FeatureReader:
         for name in self.array_names:
             value = store_call(self.retry, f"read row {row} of", f"{self.url}/{name}", _read, store.array(name), name, row,
                                boxes.get(name), self.options.channels, writing=False)
+            if name in self.quantized:  # int8 codes -> float32 with the row's per-channel scale and offset
+                value = store_call(self.retry, f"read row {row} of", f"{self.url}/{name}", self._dequantize, store, name,
+                                   row, value, writing=False)
             out[name] = _to_tensor(name, value)
         return out
+
+    def _dequantize(self, store: FeatureStore, name: str, row: int, codes: np.ndarray) -> np.ndarray:
+        """(K, h, w) codes of ``name`` at ``row`` as float32 features (crops need only the row's per-channel values)."""
+        scale_name, offset_name = self.quantized[name]
+        chans = slice(None) if self.options.channels is None else list(self.options.channels)
+        scale = np.asarray(store.array(scale_name).oindex[row, chans])  # (K,)
+        offset = np.asarray(store.array(offset_name).oindex[row, chans])  # (K,)
+        return dequantize_int8_numpy(codes, scale, offset)
 
     def _open(self) -> FeatureStore:
         """The store handle of this process, opened on first use after a fork or an unpickle."""
@@ -216,3 +231,12 @@ def _to_tensor(name: str, value: np.ndarray) -> torch.Tensor:
         value = value.astype(_WIDEN[value.dtype])
     return torch.from_numpy(np.ascontiguousarray(value))
 
+
+def quantized_arrays(store: FeatureStore) -> dict[str, tuple[str, str]]:
+    """The int8-coded arrays of a store with the names of their scale and offset arrays (from their attributes)."""
+    found = {}
+    for name in store.array_names:
+        attrs = store.array(name).attrs
+        if attrs.get("quantization") == QUANTIZATION:
+            found[name] = (attrs["scale_array"], attrs["offset_array"])
+    return found

@@ -12,6 +12,9 @@ from __future__ import annotations
 
 import json
 import os
+import socket
+import struct
+import threading
 from typing import Sequence
 
 import numpy as np
@@ -124,3 +127,79 @@ def format1_store(url: str, *, shards: Sequence[Sequence[int]] = ((0, 1, 2), (3,
     with open(f"{url}/report.json", "w") as f:
         json.dump(report or {"status": "complete"}, f)
     return {name: value for name, value in data.items() if name in ("features", "image")}
+
+
+class FaultProxy:
+    """A TCP proxy on 127.0.0.1 in front of ``target`` (host, port) whose outages are real: while down it resets every
+    open connection and refuses new ones (accepts and closes them at once), as an unreachable endpoint does."""
+
+    def __init__(self, target: tuple[str, int]) -> None:
+        self.target = target
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self._listener.getsockname()[1]
+        self._up = threading.Event()
+        self._up.set()
+        self._conns: set[socket.socket] = set()
+        self._guard = threading.Lock()
+        self._closed = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    @property
+    def endpoint_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def down(self) -> None:
+        """Starts an outage: resets every open connection; new ones are dropped until ``up``."""
+        self._up.clear()
+        with self._guard:
+            conns, self._conns = list(self._conns), set()
+        for conn in conns:
+            _reset(conn)
+
+    def up(self) -> None:
+        self._up.set()
+
+    def close(self) -> None:
+        self._closed = True
+        self.down()
+        self._listener.close()
+
+    def _accept(self) -> None:
+        while not self._closed:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            if not self._up.is_set():
+                _reset(client)
+                continue
+            try:
+                server = socket.create_connection(self.target)
+            except OSError:
+                _reset(client)
+                continue
+            with self._guard:
+                self._conns.update((client, server))
+            for a, b in ((client, server), (server, client)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    def _pipe(self, source: socket.socket, sink: socket.socket) -> None:
+        try:
+            while data := source.recv(65536):
+                sink.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for conn in (source, sink):
+                with self._guard:
+                    self._conns.discard(conn)
+                _reset(conn)
+
+
+def _reset(conn: socket.socket) -> None:
+    """Closes with RST (SO_LINGER 0), as a dropped connection looks to the client."""
+    try:
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        conn.close()
+    except OSError:
+        pass

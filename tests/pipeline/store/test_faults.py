@@ -5,6 +5,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
@@ -15,7 +16,6 @@ from pipeline.runtime.retry import RetryPolicy, TransientIOError
 from pipeline.store.features import ArraySpec, FeatureStore
 from pipeline.store.reader import open_features
 from tests.helpers import store as sh
-from tests.helpers.faultproxy import FaultProxy
 
 SPECS = [ArraySpec("features", (2, 3, 3), "float16", ("channel", "y", "x"))]
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
@@ -25,13 +25,14 @@ RIDE_OUT = RetryPolicy(budget_s=20, first_wait_s=0.2, max_wait_s=1)
 @pytest.fixture
 def proxy(s3_server):
     host, port = s3_server.endpoint_url.removeprefix("http://").split(":")
-    with FaultProxy(host, int(port)) as proxy:
-        yield proxy
+    proxy = sh.FaultProxy((host, int(port)))
+    yield proxy
+    proxy.close()
 
 
 def _through(s3_server, proxy) -> dict:
     """Storage options reaching moto through ``proxy``, without botocore's own retries (the RetryPolicy does them)."""
-    return {**s3_server.storage_options, "client_kwargs": {"endpoint_url": proxy.url},
+    return {**s3_server.storage_options, "client_kwargs": {"endpoint_url": proxy.endpoint_url},
             "config_kwargs": {"retries": {"max_attempts": 1}, "connect_timeout": 2, "read_timeout": 5}}
 
 
@@ -41,7 +42,8 @@ def _rows(n: int, seed: int) -> np.ndarray:
 
 def _outage(proxy, seconds: float) -> float:
     """Takes the endpoint down now and back up after ``seconds``; returns when it started (monotonic)."""
-    proxy.outage(seconds)
+    proxy.down()
+    threading.Timer(seconds, proxy.up).start()
     return time.monotonic()
 
 
@@ -94,13 +96,13 @@ def test_an_outage_longer_than_the_budget_is_one_clear_error(s3_server, proxy):
     FeatureStore.create(url, num_rows=2, arrays=SPECS, attrs={}, storage_options=s3_server.storage_options, keys=["a", "b"])
     store = FeatureStore.open(url, _through(s3_server, proxy), retry=RetryPolicy(budget_s=1, first_wait_s=0.1, max_wait_s=0.3))
     store.array("features")  # opened before the outage: the outage meets the write itself
-    proxy.outage(3600)  # until clear()
+    proxy.down()
     with pytest.raises(TransientIOError, match=r"write rows \[0, 2\) of s3://.*/features: storage unavailable for 1 s "
                                                r"\(.*\); rerun the same command to resume"):
         store.write_rows(0, {"features": _rows(2, seed=1)})
     with pytest.raises(TransientIOError, match="commit shard 0: write .*_featup/index/shard-000000.parquet"):
         store.commit_shard(0, sh.index_table([0, 1]))
-    proxy.clear()
+    proxy.up()
     assert FeatureStore.open(url, s3_server.storage_options).committed_shards() == set()  # nothing half-committed
 
 

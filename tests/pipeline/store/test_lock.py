@@ -14,7 +14,6 @@ import pytest
 from pipeline.runtime.retry import RetryPolicy, TransientIOError
 from pipeline.store.features import ArraySpec, FeatureStore, StoreLockedError
 from tests.helpers import store as sh
-from tests.helpers.faultproxy import FaultProxy
 
 SPECS = [ArraySpec("features", (1, 2, 2), "float16", ("channel", "y", "x"))]
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
@@ -73,15 +72,16 @@ def test_a_holder_without_a_heartbeat_within_its_own_window_keeps_its_lock(locat
 
 def _proxied(s3_server, proxy) -> dict:
     """Storage options reaching moto through ``proxy``, without botocore's own retries (the RetryPolicy does them)."""
-    return {**s3_server.storage_options, "client_kwargs": {"endpoint_url": proxy.url},
+    return {**s3_server.storage_options, "client_kwargs": {"endpoint_url": proxy.endpoint_url},
             "config_kwargs": {"retries": {"max_attempts": 1}, "connect_timeout": 2, "read_timeout": 5}}
 
 
 @pytest.fixture
 def proxy(s3_server):
     host, port = s3_server.endpoint_url.removeprefix("http://").split(":")
-    with FaultProxy(host, int(port)) as proxy:
-        yield proxy
+    proxy = sh.FaultProxy((host, int(port)))
+    yield proxy
+    proxy.close()
 
 
 def test_heartbeat_rides_out_a_real_outage_and_no_one_takes_the_lock_meanwhile(s3_server, proxy):
@@ -90,7 +90,8 @@ def test_heartbeat_rides_out_a_real_outage_and_no_one_takes_the_lock_meanwhile(s
     holder = FeatureStore.open(url, _proxied(s3_server, proxy), retry=RetryPolicy(budget_s=20, first_wait_s=0.2, max_wait_s=1))
     holder.acquire_lock("run-holder")
     before = _lock_file(holder)["heartbeat"]
-    proxy.outage(3.0)
+    proxy.down()
+    threading.Timer(3.0, proxy.up).start()
     other = FeatureStore.open(url, s3_server.storage_options)  # reaches the server directly, during the outage
     with pytest.raises(StoreLockedError, match="run run-holder"):
         other.acquire_lock("run-other")
@@ -108,11 +109,11 @@ def test_an_outage_longer_than_the_budget_ends_with_a_clear_error(s3_server, pro
     _create(url, s3_server.storage_options)
     holder = FeatureStore.open(url, _proxied(s3_server, proxy), retry=RetryPolicy(budget_s=1.5, first_wait_s=0.2, max_wait_s=0.5))
     holder.acquire_lock("run-holder")
-    proxy.outage(3600)  # until clear()
+    proxy.down()
     with pytest.raises(TransientIOError, match=r"renew the lock of s3://.*: storage unavailable for 1.5 s .*rerun the same "
                                                "command to resume"):
         holder.heartbeat()
-    proxy.clear()
+    proxy.up()
     holder.heartbeat()  # the lock is still this run's: the next heartbeat after the outage renews it
     holder.release_lock()
 
