@@ -46,6 +46,7 @@ class Plan:
     spec: Any  # pipeline.decode.DecodeSpec
     # shard index -> {position in the shard: reason} for the second and later occurrences of a key
     duplicates: dict[int, dict[int, str]] = field(default_factory=dict)
+    encode_rate: float | None = None  # MB/s of raw arrays one core encodes (measured by estimate_bytes)
 
     @property
     def num_duplicates(self) -> int:
@@ -259,9 +260,8 @@ def fit_projection(plan: Plan) -> Projection:
 
 
 def estimate_bytes(plan: Plan) -> dict[str, tuple[int, float | None]]:
-    """Per array: (uncompressed bytes, zstd ratio measured on one real sample, or None without a decodable sample)."""
-    from numcodecs import Zstd
-
+    """Per array: (uncompressed bytes, stored/raw ratio measured on one real sample with the store's own codec and
+    layout, or None without a decodable sample); ``plan.encode_rate`` gets the encode speed of one core in MB/s."""
     found = sample_decoded(plan, 1)
     measured: dict[str, np.ndarray] = {}
     if found:
@@ -270,16 +270,50 @@ def estimate_bytes(plan: Plan) -> dict[str, tuple[int, float | None]]:
         if plan.config.save_image:
             measured["image"] = found[0].image_uint8[None]
         measured.update({name: value[None] for name, value in found[0].labels.items()})
-    codec = Zstd(level=3)
-    out = {}
+    out, encoded_bytes, encode_s = {}, 0, 0.0
     for spec in plan.arrays:
         raw = plan.num_rows * math.prod(spec.shape_per_row) * np.dtype(spec.dtype).itemsize
         ratio = None
         if spec.name in measured:
-            row = np.ascontiguousarray(measured[spec.name][0].astype(spec.dtype))
-            ratio = len(codec.encode(row)) / max(row.nbytes, 1)
+            row = np.ascontiguousarray(measured[spec.name][:1].astype(spec.dtype))  # (1, ...)
+            stored, seconds = _encoded_size(spec, row, plan.config.storage_codec)
+            ratio = stored / max(row.nbytes, 1)
+            encoded_bytes, encode_s = encoded_bytes + row.nbytes, encode_s + seconds
         out[spec.name] = (raw, ratio)
+    plan.encode_rate = encoded_bytes / encode_s / 1e6 if encode_s > 0 else None
     return out
+
+
+def _encoding(c: PrecomputeConfig) -> str:
+    return ", ".join(filter(None, [f"codec {c.codec}", c.quantize and f"quantize {c.quantize}",
+                                   c.keep_bits and f"keep {c.keep_bits} bits", c.tile and f"tiles of {c.tile}"]))
+
+
+def _raw_per_sample(plan: Plan) -> float:
+    return sum(math.prod(spec.shape_per_row) * np.dtype(spec.dtype).itemsize for spec in plan.arrays)
+
+
+def _encoded_size(spec: Any, row: np.ndarray, codec: Any) -> tuple[int, float]:
+    """Bytes one row takes in an in-memory Zarr array laid out and encoded as the store will, and the seconds it took."""
+    import time
+
+    import numcodecs.blosc
+    import zarr
+
+    layout = codec.array_kwargs(spec.dtype, spec.shape_per_row, spec.spatial_axes, codes=spec.codes)
+    memory = zarr.storage.MemoryStore()
+    array = zarr.create_array(memory, shape=row.shape, dtype=spec.dtype, fill_value=0, **layout)
+    threads = numcodecs.blosc.get_nthreads()
+    numcodecs.blosc.set_nthreads(1)  # one core's rate: what one encoding thread of an actor does
+    try:
+        with zarr.config.set({"async.concurrency": 1, "threading.max_workers": 1}):
+            start = time.perf_counter()
+            array[...] = row
+            seconds = time.perf_counter() - start
+    finally:
+        numcodecs.blosc.set_nthreads(threads)
+    stored = sum(len(v.to_bytes()) for k, v in memory._store_dict.items() if not k.endswith("zarr.json"))
+    return stored, seconds
 
 
 def format_plan(plan: Plan, estimate: dict[str, tuple[int, float | None]], committed: set[int] | None = None) -> str:
@@ -304,9 +338,13 @@ def format_plan(plan: Plan, estimate: dict[str, tuple[int, float | None]], commi
         raw, ratio = estimate[spec.name]
         disk = raw * (ratio if ratio is not None else 1.0)
         total += disk
-        how = f"zstd ratio {ratio:.2f} on a sample" if ratio is not None else "uncompressed"
+        how = f"{c.codec} ratio {ratio:.2f} on a sample" if ratio is not None else "uncompressed"
         lines.append(f"    {spec.name:<10} {str((plan.num_rows, *spec.shape_per_row)):<28} {spec.dtype:<8} ~{human_bytes(disk)} ({how})")
     lines.append(f"  estimated bytes on disk: ~{human_bytes(total)} ({int(total)} bytes)")
+    per_sample = total / max(plan.num_rows, 1)
+    lines.append(f"  per sample: ~{human_bytes(per_sample)} stored; encoding ({_encoding(c)})"
+                 + (f" runs at ~{plan.encode_rate:.0f} MB/s of raw arrays per core here, ~{plan.encode_rate * 1e6 / max(_raw_per_sample(plan), 1):.1f} samples/s per core"
+                    if getattr(plan, "encode_rate", None) else ""))
     if c.upsampler == "implicit":
         lines.extend(implicit_time_lines(plan, sum(s.num_samples for s in todo)))
     return "\n".join(lines)

@@ -124,6 +124,8 @@ def sharded_layout(shape_per_row: Sequence[int], spatial_axes: Sequence[int] | N
     inner = [1] + [tile_side(n, tile) if i in axes else n for i, n in enumerate(row[1:])]
     # The shard is the row rounded up to whole inner chunks: zarr requires a shard divisible by its inner chunks and
     # pads edge tiles with the fill value; every row still has exactly one stored object (one writer).
+    if tuple(inner) == row:  # one tile holds the whole row: a plain chunk, without a shard index to pay for
+        return row, None
     shard = [1] + [math.ceil(n / c) * c for n, c in zip(row[1:], inner[1:])]
     return tuple(inner), tuple(shard)
 

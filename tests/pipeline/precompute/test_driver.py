@@ -236,3 +236,39 @@ def test_one_actor_by_default_uses_every_cpu_of_the_local_ray_for_torch(env, tmp
     (actor,) = report["actors"]["per_actor"].values()
     assert code == 0 and actor["torch_threads"] == 2  # the test's local Ray has 2 CPUs, all given to the one actor
     assert report["config"]["cpus_per_actor"] == 2.0
+
+
+@pytest.mark.parametrize("encoding", [dict(codec="blosc-lz4"), dict(quantize="int8"), dict(keep_bits=7, dtype="float16")])
+def test_encoded_stores_read_back_as_float_features_close_to_the_float32_store(env, reference, tmp_path, encoding):
+    import numpy as np
+    import torch
+
+    from pipeline.store.reader import open_features
+
+    config = helpers.tiny_config(env["shards"], tmp_path / "encoded.zarr", **encoding)
+    code, report, _ = _run(config)
+    assert code == 0
+    exact, encoded = open_features(reference), open_features(config.output)
+    assert len(encoded) == len(exact) and encoded.shapes["features"][0] == exact.shapes["features"][0]
+    assert "features_scale" not in encoded.array_names  # int8 companions are read through the features
+    for i in range(len(exact)):
+        truth, got = exact[i]["features"], encoded[i]["features"]
+        assert got.dtype == torch.float32
+        error = float((got - truth).norm() / truth.norm())
+        assert error <= (0.0 if "codec" in encoding else 0.01), (i, error)
+    loader = torch.utils.data.DataLoader(encoded.torch_dataset(crop=16), batch_size=4, num_workers=2)
+    assert sum(batch["features"].shape[0] for batch in loader) == len(exact)  # decoded in DataLoader workers too
+    stored = FeatureStore.open(config.output, mode="r")
+    if "quantize" in encoding:
+        assert stored.array("features").dtype == np.uint8 and "formula" in stored.array("features").attrs
+    assert {k: stored.attrs[k] for k in ("codec", "quantize", "keep_bits")} == {
+        "codec": encoding.get("codec", "auto"), "quantize": encoding.get("quantize"), "keep_bits": encoding.get("keep_bits")}
+
+
+def test_a_resume_with_another_encoding_is_refused_naming_it(env, tmp_path):
+    from featup.errors import ConfigError
+
+    config = helpers.tiny_config(env["shards"][:1], tmp_path / "codec.zarr", quantize="int8")
+    assert _run(config)[0] == 0
+    with pytest.raises(ConfigError, match='quantize: store has "int8", this run has null'):
+        run_precompute(helpers.tiny_config(env["shards"][:1], config.output), out=io.StringIO(), err=io.StringIO())

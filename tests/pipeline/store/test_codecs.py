@@ -100,7 +100,7 @@ def test_tile_side_splits_evenly_and_never_exceeds_the_request():
     ((384, 224, 224), (1, 2), (1, 384, 56, 56), (1, 384, 224, 224)),
     ((224, 224, 3), (0, 1), (1, 56, 56, 3), (1, 224, 224, 3)),
     ((8, 227, 40), (-2, -1), (1, 8, 57, 40), (1, 8, 228, 40)),  # 227: one padded row in the shard; 40 < 64: one tile
-    ((384, 14, 14), (1, 2), (1, 384, 14, 14), (1, 384, 14, 14)),
+    ((384, 14, 14), (1, 2), (1, 384, 14, 14), None),  # one tile: a plain chunk, no shard index
     ((384,), None, (1, 384), None),
 ])
 def test_sharded_layout_one_shard_per_row(shape, axes, inner, shard):
