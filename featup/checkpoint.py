@@ -13,6 +13,8 @@ prefix             what                                             at inference
 =================  ===============================================  ===========================
 
 Any other key is an error: a checkpoint we do not understand is refused, not half-loaded.
+Besides paths and fsspec URLs, ``load_featup_checkpoint`` takes the published names ``featup:<model>`` and
+``featup:<model>:no_norm`` (see ``featup.hub``), fetched once into the torch hub cache.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import fsspec
 import torch
 from torch import nn
 
+from featup import hub
 from featup.errors import CheckpointError, InputError
 from featup.layers import ChannelNorm
 from featup.upsamplers.jbu import JBUStack
@@ -142,9 +145,22 @@ class FeatUpUpsampler(nn.Module):
         return self.upsampler(self.normalize(lr_feats), image, output_size, **kwargs)
 
 
-def load_featup_checkpoint(path_or_url: str, *, device=None, dtype=None, backend: str = "auto", **storage_options: Any) -> FeatUpUpsampler:
-    """Load a FeatUp JBU checkpoint (path or fsspec URL) into an eval-mode ``FeatUpUpsampler``."""
-    content, sha256 = read_checkpoint(path_or_url, **storage_options)
+def load_featup_checkpoint(
+    path_or_url: str,
+    *,
+    device=None,
+    dtype=None,
+    backend: str = "auto",
+    progress: bool = True,
+    **storage_options: Any,
+) -> FeatUpUpsampler:
+    """Load a FeatUp JBU checkpoint (path, fsspec URL or ``featup:<model>[:no_norm]``) into an eval-mode ``FeatUpUpsampler``.
+
+    A ``featup:`` name is fetched through ``featup.hub`` (cached; ``progress`` shows the download); ``sha256``
+    is that of the file's bytes whichever way it came, and ``source`` is the name as given.
+    """
+    local = hub.resolve_checkpoint(path_or_url, progress=progress)
+    content, sha256 = read_checkpoint(local, **storage_options)
     if not isinstance(content, dict) or not isinstance(content.get("state_dict"), dict):
         raise CheckpointError(
             f"checkpoint {path_or_url}: not a FeatUp checkpoint: expected a dict with a 'state_dict' dict, "

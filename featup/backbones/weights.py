@@ -13,6 +13,7 @@ import hashlib
 import io
 import os
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 
 import fsspec
 import torch
@@ -26,6 +27,15 @@ KEY_PREFIXES = ("model.0.", "module.", "model.", "backbone.")
 _SHOWN_KEYS = 5
 # Plain-data classes some published checkpoints pickle next to the weights (DINO saves its ``args``).
 _SAFE_GLOBALS = [argparse.Namespace]
+
+
+@dataclass(frozen=True)
+class StateDictWeights:
+    """Weights already in memory (a FeatUp checkpoint's backbone), the file they came from and their weights_id."""
+
+    state_dict: Mapping[str, Tensor] = field(repr=False)
+    source: str
+    weights_id: str
 
 
 def read_weights_bytes(path_or_url: str | os.PathLike, **storage_options) -> bytes:

@@ -1,4 +1,4 @@
-"""Shared fixtures: randomly initialised backbones are built once per session (ViT init dominates test time)."""
+"""Backbone test helpers: seeded image batches sized to a backbone's stride (random backbones: ../conftest.py)."""
 
 from __future__ import annotations
 
@@ -7,20 +7,7 @@ from typing import Callable
 import pytest
 import torch
 
-from featup.backbones import Backbone, build_backbone
-
-
-@pytest.fixture(scope="session")
-def random_backbone() -> Callable[[str], Backbone]:
-    """``get(name)``: a cached ``build_backbone(name, "random")``; tests must not modify it."""
-    cache: dict[str, Backbone] = {}
-
-    def get(name: str) -> Backbone:
-        if name not in cache:
-            cache[name] = build_backbone(name, "random")
-        return cache[name]
-
-    return get
+from featup.backbones import Backbone
 
 
 def images_for(backbone: Backbone, batch: int, rows: int, cols: int, seed: int = 0) -> torch.Tensor:

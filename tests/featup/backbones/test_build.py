@@ -14,14 +14,15 @@ from featup.backbones.vit import ViTBackbone
 from featup.errors import ConfigError, InputError
 
 NAMES = BACKBONES.names()
-VIT_NAMES = [n for n in NAMES if n != "resnet50"]
 # (batch, rows, cols) in units of the stride: square, non-square, batch > 1
 GRIDS = [(1, 2, 2), (1, 2, 3), (2, 3, 2)]
 EXPECTED = {  # name: (stride, dim) from the spec
     "dino16": (16, 384),
     "dino8": (8, 384),
     "dinov2": (14, 384),
-    "clip": (16, 768),
+    "clip": (16, 512),
+    "clip-tokens": (16, 768),
+    "maskclip": (16, 512),
     "vit": (16, 384),
     "resnet50": (32, 2048),
 }
@@ -52,12 +53,21 @@ def test_built_backbone_is_frozen_and_described(random_backbone, name):
     assert all(isinstance(v, float) for v in backbone.mean + backbone.std)
 
 
-@pytest.mark.parametrize("name", VIT_NAMES)
-def test_vit_features_match_timm_last_layer_tokens(random_backbone, make_images, name):
-    """Token features = timm's last-block output after the final norm, prefix tokens dropped, as a grid."""
-    backbone = random_backbone(name)
+def test_vit_features_match_timm_last_layer_tokens(random_backbone, make_images):
+    """Token features of a backbone on timm's resize = timm's last-block output after the final norm, prefix tokens
+    dropped, as a grid (the backbones of published featurizers: test_published_features.py)."""
+    backbone = random_backbone("clip-tokens")
     images = make_images(backbone, 2, 2, 3)
     reference = backbone.model.get_intermediate_layers(images, n=1, reshape=True, norm=True)[0]
+    torch.testing.assert_close(backbone(images), reference)
+
+
+def test_clip_features_are_the_projected_timm_tokens(random_backbone, make_images):
+    """``clip``: timm's forward_features, then its head (CLIP's projection), prefix token dropped."""
+    backbone = random_backbone("clip")
+    images = make_images(backbone, 1, 2, 3)
+    tokens = backbone.model.head(backbone.model.forward_features(images))[:, 1:]  # (1, 6, 512)
+    reference = tokens.reshape(1, 2, 3, 512).permute(0, 3, 1, 2)
     torch.testing.assert_close(backbone(images), reference)
 
 

@@ -103,41 +103,18 @@ def test_dinov2_original_layout(random_backbone, make_images, tmp_path):
     assert_same_features(reference, build_backbone("dinov2", str(path)), make_images)
 
 
-def openai_clip_visual(timm_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Rename a timm CLIP ViT state dict to OpenAI CLIP's ``visual.*`` layout (the inverse of timm's conversion)."""
-    out = {
-        "visual.class_embedding": timm_state["cls_token"][0, 0],
-        "visual.positional_embedding": timm_state["pos_embed"][0],
-        "visual.conv1.weight": timm_state["patch_embed.proj.weight"],
-        "visual.proj": torch.randn(768, 512),
-    }
-    names = {"norm_pre": "ln_pre", "norm": "ln_post", "norm1": "ln_1", "norm2": "ln_2", "attn.proj": "attn.out_proj",
-             "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj"}
-    for key, value in timm_state.items():
-        if key.startswith("blocks."):
-            _, index, rest = key.split(".", 2)
-            module, param = rest.rsplit(".", 1)
-            if module == "attn.qkv":
-                out[f"visual.transformer.resblocks.{index}.attn.in_proj_{param}"] = value
-            else:
-                out[f"visual.transformer.resblocks.{index}.{names[module]}.{param}"] = value
-        elif key.split(".")[0] in ("norm_pre", "norm"):
-            module, param = key.split(".")
-            out[f"visual.{names[module]}.{param}"] = value
-    return out
-
-
-def test_openai_clip_layout(random_backbone, make_images, tmp_path):
-    reference = random_backbone("clip")
+@pytest.mark.parametrize("name", ["clip", "clip-tokens"])
+def test_openai_clip_layout(random_backbone, openai_clip_state, make_images, tmp_path, name):
+    """OpenAI's ViT-B-16 file: visual.* next to the text tower; ``clip`` keeps the projection, clip-tokens drops it."""
+    reference = random_backbone(name)
     timm_state = reference.model.state_dict()
-    state = openai_clip_visual(timm_state)
-    # the text tower lives next to the visual one in OpenAI checkpoints
-    state |= {"token_embedding.weight": torch.randn(10, 512), "logit_scale": torch.ones(())}
-    state["transformer.resblocks.0.attn.in_proj_weight"] = torch.randn(1536, 512)
-    assert len([k for k in state if k.startswith("visual.")]) == len(timm_state) + 1  # + the projection
+    state = openai_clip_state(timm_state)
+    # timm's head.weight and head.bias are OpenAI's visual.proj; clip-tokens has no head, so proj is extra
+    expected = len(timm_state) - 1 if name == "clip" else len(timm_state) + 1
+    assert len([k for k in state if k.startswith("visual.")]) == expected
     path = tmp_path / "ViT-B-16-state-dict.pt"
     torch.save(state, path)
-    assert_same_features(reference, build_backbone("clip", str(path)), make_images)
+    assert_same_features(reference, build_backbone(name, str(path)), make_images)
 
 
 def test_wrong_keys_raise_checkpoint_error(tmp_path):
