@@ -28,7 +28,7 @@ import fsspec
 import torch
 from torch import nn
 
-from featup import hub
+from featup import published as hub
 from featup.errors import CheckpointError, InputError
 from featup.layers import ChannelNorm
 from featup.upsamplers.jbu import JBUStack

@@ -14,9 +14,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("inputs", nargs="+", metavar="INPUT", help="WebDataset shards: paths or fsspec URLs, brace patterns allowed")
     parser.add_argument("--output", required=True, help="the Zarr store: a local path or fsspec URL (s3://bucket/features.zarr)")
     model = parser.add_argument_group("model")
-    model.add_argument("--backbone", required=True, help="dino16, dino8, dinov2, clip, vit, resnet50, timm:<name> or pkg.module:callable")
-    model.add_argument("--weights", default="auto", help="auto (pretrained, cached), random (offline, meaningless) or a weights file")
-    model.add_argument("--checkpoint", default=None, help="trained FeatUp JBU checkpoint (path or URL)")
+    model.add_argument("--backbone", default=None, help="dino16, dino8, dinov2, clip, clip-tokens, maskclip, vit, resnet50, timm:<name> or pkg.module:callable (default: the one a --checkpoint featup:<model> implies)")
+    model.add_argument("--weights", default="auto", help="auto (the checkpoint's own backbone weights when it has them, else pretrained from the hub, cached), checkpoint, random (offline, meaningless) or a weights file/URL")
+    model.add_argument("--checkpoint", default=None, help="trained FeatUp JBU: featup:<model>[:no_norm] (published, downloaded once to $TORCH_HOME), a path or a URL")
     model.add_argument("--upsampler", default="jbu", help="jbu (default), bilinear or implicit (fitted per image: slow)")
     model.add_argument("--image-size", type=positive_int, default=224, help="resize shorter side + centre crop size (default 224)")
     size = model.add_mutually_exclusive_group()
@@ -82,7 +82,11 @@ def actor_count(text: str) -> int | str:
 
 
 def build_config(args: argparse.Namespace):
-    """The validated PrecomputeConfig of parsed arguments."""
+    """The validated PrecomputeConfig of parsed arguments; a ``featup:`` checkpoint is fetched (or refused offline) here,
+    before any work, and names its backbone when ``--backbone`` is left out."""
+    from jobs.models import resolve_model_names
+
+    resolve_model_names(args)
     from pipeline.precompute.config import PrecomputeConfig, parse_max_errors
     from pipeline.runtime.storage import parse_storage_options
 

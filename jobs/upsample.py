@@ -29,9 +29,9 @@ class Models(NamedTuple):
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Adds the ``featup upsample`` options."""
     parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files or fsspec URLs")
-    parser.add_argument("--backbone", required=True, help="dino16, dino8, dinov2, clip, vit, resnet50, timm:<name> or pkg.module:callable")
-    parser.add_argument("--weights", default="auto", help="auto (pretrained, cached), random (offline, meaningless) or a weights file")
-    parser.add_argument("--checkpoint", default=None, help="trained FeatUp JBU checkpoint (path or URL)")
+    parser.add_argument("--backbone", default=None, help="dino16, dino8, dinov2, clip, clip-tokens, maskclip, vit, resnet50, timm:<name> or pkg.module:callable (default: the one a --checkpoint featup:<model> implies)")
+    parser.add_argument("--weights", default="auto", help="auto (the checkpoint's own backbone weights when it has them, else pretrained from the hub, cached), checkpoint, random (offline, meaningless) or a weights file/URL")
+    parser.add_argument("--checkpoint", default=None, help="trained FeatUp JBU: featup:<model>[:no_norm] (published, downloaded once to $TORCH_HOME), a path or a URL")
     parser.add_argument("--upsampler", default=None, help="jbu (default) or bilinear; a --checkpoint is always a JBU")
     parser.add_argument("--image-size", type=positive_int, default=224, help="resize + centre crop size (default 224)")
     parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda or cuda:N")
@@ -42,6 +42,9 @@ def run(args: argparse.Namespace) -> int:
     """Loads the models once, then renders one panel per image; bad images are reported and skipped."""
     import torch  # heavy imports stay out of ``featup --help``
 
+    from jobs.models import resolve_model_names
+
+    resolve_model_names(args)
     device = resolve_device(args.device)
     make_out_dir(args.out)
     with torch.inference_mode():
@@ -72,11 +75,12 @@ def load_models(args: argparse.Namespace, device: torch.device) -> Models:
 
     if args.checkpoint is not None and args.upsampler not in (None, "jbu"):
         raise ConfigError(f"--upsampler: expected jbu (or nothing) with --checkpoint, got {args.upsampler!r}")
-    backbone = build_backbone(args.backbone, args.weights, device=device).eval()
     if args.checkpoint is None:
+        backbone = build_backbone(args.backbone, args.weights, device=device).eval()
         upsampler = build_upsampler(args.upsampler or "jbu", backbone.dim, device=device)
         return Models(backbone, upsampler.eval(), device)
-    upsampler = load_featup_checkpoint(args.checkpoint, device=device)
+    upsampler = load_featup_checkpoint(args.checkpoint, device=device)  # first: it may carry the backbone's weights
+    backbone = build_backbone(args.backbone, args.weights, checkpoint=upsampler, device=device).eval()
     if upsampler.dim != backbone.dim:
         raise CheckpointError(
             f"checkpoint {args.checkpoint}: expected {backbone.dim} channels (backbone {args.backbone}), got {upsampler.dim}"

@@ -21,7 +21,7 @@ import timm
 import torch
 from torch import Tensor, nn
 
-from featup import hub
+from featup import published as hub
 from featup.backbones.base import IMAGENET_MEAN, IMAGENET_STD
 from featup.backbones.weights import StateDictWeights, load_strict, load_weights_file, strip_key_prefixes
 from featup.errors import CheckpointError, ConfigError, WeightsUnavailableError

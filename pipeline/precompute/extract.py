@@ -59,7 +59,9 @@ class FeatureExtractor:
         self.config = config
         self.device = resolve_device(device or config.device)
         self.dtype = compute_dtype(config.dtype, self.device)
-        self.backbone = build_seeded_backbone(config.backbone, config.weights, config.seed).to(device=self.device, dtype=self.dtype).eval()
+        trained = load_checkpoint_for(config)  # first: a published checkpoint may also carry the backbone's weights
+        backbone = build_seeded_backbone(config.backbone, config.weights, config.seed, checkpoint=trained)
+        self.backbone = backbone.to(device=self.device, dtype=self.dtype).eval()
         if config.image_size % self.backbone.stride:
             raise ConfigError(
                 f"--image-size: expected a multiple of the stride {self.backbone.stride} of backbone "
@@ -69,7 +71,7 @@ class FeatureExtractor:
             self.upsampler = PerImageImplicit(self.backbone, config.implicit, config.seed)
         else:
             stages = max(1, round(math.log2(self.output_size[0] / self.lowres_size[0])))
-            upsampler = build_upsampler_for(config, self.backbone.dim, num_stages=stages)
+            upsampler = build_upsampler_for(config, self.backbone.dim, num_stages=stages, trained=trained)
             self.upsampler = upsampler.to(device=self.device, dtype=self.dtype).eval()
         if projection is not None and projection.weight.shape != (config.channels, self.backbone.dim):
             expected = (config.channels, self.backbone.dim)
@@ -192,17 +194,25 @@ class FeatureExtractor:
         return {name: round_mantissa_torch(x, self.config.keep_bits).cpu().numpy()}
 
 
-def build_upsampler_for(config: PrecomputeConfig, dim: int, num_stages: int = 4) -> nn.Module:
+def load_checkpoint_for(config: PrecomputeConfig) -> nn.Module | None:
+    """The trained JBU of ``--checkpoint`` (path, URL or ``featup:`` name, read once), or None without one."""
+    from featup.checkpoint import load_featup_checkpoint
+
+    if config.checkpoint_location is None:
+        return None
+    location = config.checkpoint_location
+    return load_featup_checkpoint(location.url, backend=config.kernel_backend, **location.options)
+
+
+def build_upsampler_for(config: PrecomputeConfig, dim: int, num_stages: int = 4, trained: nn.Module | None = None) -> nn.Module:
     """The trained JBU of ``--checkpoint``, or a fresh ``jbu``/``bilinear`` upsampler initialised from ``config.seed``.
 
     A fresh JBU gets the ``num_stages`` 2x steps closest to the output size (4 for stride 16 at the image size).
     """
-    from featup.checkpoint import load_featup_checkpoint
     from featup.upsamplers import build_upsampler
 
     if config.checkpoint is not None:
-        location = config.checkpoint_location
-        upsampler = load_featup_checkpoint(location.url, backend=config.kernel_backend, **location.options)
+        upsampler = trained if trained is not None else load_checkpoint_for(config)
         if upsampler.dim != dim:
             raise ConfigError(
                 f"--checkpoint {config.checkpoint}: expected {dim} channels (backbone {config.backbone}), got {upsampler.dim}"

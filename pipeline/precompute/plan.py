@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     from featup.upsamplers.implicit_fit import FitTiming
 
 # Attributes a resumed run must match besides the config fingerprint: the inputs' layout and the exact model.
-LAYOUT_KEYS = ("num_shards", "num_rows", "shards_sha256", "backbone_weights", "checkpoint_sha256")
+LAYOUT_KEYS = ("num_shards", "num_rows", "shards_sha256", "backbone_weights", "checkpoint_sha256", "feature_channels")
 COMPAT_KEYS = (*FINGERPRINT_FIELDS, *LAYOUT_KEYS)
 BROKEN_KEY = ""  # key of the placeholder row that records an unreadable or truncated shard in the index
 QUICK_FIT_STEPS = 2  # implicit fits in the plan's measurements (bytes on disk) are this short

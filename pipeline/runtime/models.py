@@ -10,15 +10,18 @@ import torch
 from torch import nn
 
 
-def build_seeded_backbone(name: str, weights: str, seed: int) -> nn.Module:
+def build_seeded_backbone(name: str, weights: str, seed: int, checkpoint: object = None) -> nn.Module:
     """The backbone on the CPU; random initialisation is drawn from a generator seeded with ``seed``.
+
+    ``checkpoint`` (a loaded FeatUp checkpoint, path or ``featup:`` name) supplies the backbone's weights for
+    ``weights="checkpoint"``, and for ``"auto"`` when it carries them (the published checkpoints do).
 
     Every actor must hold identical weights, so that a store does not depend on which actor computed a row.
     """
     from featup.backbones import build_backbone
 
     with seeded_global_generator(seed):  # timm initialises from the global generator
-        return build_backbone(name, weights)
+        return build_backbone(name, weights, checkpoint=checkpoint)
 
 
 @contextmanager
