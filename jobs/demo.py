@@ -1,4 +1,11 @@
-"""Run the offline demo: shards from scikit-image's sample photos -> featup precompute on local Ray -> report and a PNG."""
+"""The demo: shards from scikit-image's sample photos -> featup precompute on local Ray -> a summary and a PNG.
+
+Online it uses the published model (``dino16`` with ``featup:dino16``: pretrained weights and the published JBU,
+downloaded once). Offline (found out within seconds) it uses the ground-truth teacher backbone with a JBU
+trained on it, shipped in ``jobs/assets`` (``python -m jobs.assets.reproduce`` remakes it): the picture then
+shows synthetic teacher features, not real ones, and says so. Only these defaults fall back; a backbone,
+weights or checkpoint given on the command line are used as given.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +15,7 @@ import os
 import sys
 import tarfile
 from pathlib import Path
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 from jobs.cli import EXIT_OK, positive_int
 
@@ -18,9 +25,10 @@ VARIANTS = ("full", "flip", "left", "right", "top", "small")  # how each photo i
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Adds the ``featup demo`` options."""
     parser.add_argument("--out", type=Path, default=Path("featup-demo"), help="folder of the shards, store and PNG (default ./featup-demo)")
-    parser.add_argument("--backbone", default="timm:vit_tiny_patch16_224", help="backbone (default a tiny ViT, random weights)")
-    parser.add_argument("--weights", default="random", help="random (default: offline, meaningless features), auto or a weights file")
-    parser.add_argument("--checkpoint", default=None, help="trained FeatUp JBU checkpoint (path or URL)")
+    parser.add_argument("--backbone", default=None, help="backbone (default: dino16 online, the synthetic teacher offline)")
+    parser.add_argument("--weights", default=None, help="auto, random, checkpoint or a weights file (default auto)")
+    parser.add_argument("--checkpoint", default=None,
+                        help="FeatUp JBU checkpoint (default: featup:dino16 online, the shipped teacher JBU offline)")
     parser.add_argument("--image-size", type=positive_int, default=224, help="resize + centre crop size (default 224)")
     parser.add_argument("--shards", type=positive_int, default=4, help="number of shards to write (default 4)")
     parser.add_argument("--actors", type=positive_int, default=2, help="Ray actors (default 2)")
@@ -35,12 +43,15 @@ def run(args: argparse.Namespace) -> int:
     from pipeline.precompute.config import PrecomputeConfig
     from pipeline.precompute.driver import run_precompute
 
+    model = choose_model(args)
+    for line in model.notices:
+        print(f"featup demo: {line}", file=sys.stderr)
     photos = sample_image_paths()
     shards = write_demo_shards(photos, args.out / "shards", args.shards)
     print(f"featup demo: wrote {len(shards)} shards of {len(photos) * len(VARIANTS)} samples to {args.out / 'shards'}", file=sys.stderr)
     store = str(args.out / "features.zarr")
     config = PrecomputeConfig(
-        inputs=tuple(shards), output=store, backbone=args.backbone, weights=args.weights, checkpoint=args.checkpoint,
+        inputs=tuple(shards), output=store, backbone=model.backbone, weights=model.weights, checkpoint=model.checkpoint,
         image_size=args.image_size, save_image=True, save_lowres=True, actors=args.actors, device="cpu",
         batch_size=4, overwrite=True, kernel_backend=args.kernel_backend,
     )
@@ -48,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
     if code != EXIT_OK:
         return code
     png = args.out / "demo.png"
-    draw_samples(store, png, args.panels, banner=_notices(args))
+    draw_samples(store, png, args.panels, banner=model.notices)
     print(f"featup demo: wrote {png}", file=sys.stderr)
     return EXIT_OK
 
@@ -103,20 +114,17 @@ def _write_tar(path: Path, samples: Sequence[tuple[str, object]]) -> None:
 
 def draw_samples(store_url: str, png: Path, count: int, banner: Sequence[str] = ()) -> None:
     """One panel per sample (image | low-res PCA | upsampled PCA) for the first ``count`` valid rows, stacked into a PNG."""
-    import torch
     from PIL import Image
 
-    from pipeline.store.features import FeatureStore
     from pipeline.analysis.pictures import pca_rgb, render_panel, save_panel
+    from pipeline.store.reader import open_features
 
-    store = FeatureStore.open(store_url, mode="r")
-    index = store.read_index()
-    rows = [r for r, s in zip(index["row"].to_pylist(), index["status"].to_pylist()) if s == "ok"][:count]
+    reader = open_features(store_url)  # float features whatever the store's encoding; valid samples only
     panels = []
-    for i, row in enumerate(rows):
-        image = Image.fromarray(store.array("image")[row])  # (S, S, 3)
-        lowres = torch.from_numpy(store.array("lowres")[row : row + 1]).float()  # (1, C, h, w)
-        feats = torch.from_numpy(store.array("features")[row : row + 1]).float()  # (1, C, H, W)
+    for i in range(min(count, len(reader))):
+        sample = reader[i]
+        image = Image.fromarray(sample["image"].permute(1, 2, 0).numpy())  # (S, S, 3)
+        lowres, feats = sample["lowres"][None], sample["features"][None]  # (1, C, h, w), (1, C, H, W)
         panels.append(render_panel(image, *pca_rgb(lowres, feats), banner=banner if i == 0 else ()))
     width = max(p.width for p in panels)
     sheet = Image.new("RGB", (width, sum(p.height for p in panels)), (255, 255, 255))
@@ -127,7 +135,43 @@ def draw_samples(store_url: str, png: Path, count: int, banner: Sequence[str] = 
     save_panel(sheet, png)
 
 
-def _notices(args: argparse.Namespace) -> list[str]:
-    from jobs.upsample import model_notices
+class DemoModel(NamedTuple):
+    """What the demo runs: backbone, weights and checkpoint, and the notices stamped on the picture."""
 
-    return model_notices(args.weights if args.weights == "random" else "", args.checkpoint, "jbu")
+    backbone: str
+    weights: str
+    checkpoint: str | None
+    notices: list[str]
+
+
+ONLINE_CHECKPOINT = "featup:dino16"
+TEACHER_BACKBONE = "featup.backbones.teacher:teacher16"
+TEACHER_NOTICE = ("SYNTHETIC TEACHER FEATURES (offline demo): not a real backbone; a JBU trained on generated images "
+                  "restores their edges")
+
+
+def choose_model(args: argparse.Namespace) -> DemoModel:
+    """The published dino16 model if it can be had (cached or downloaded now), else the shipped teacher model.
+
+    A backbone, weights or checkpoint given by the user are used as given: only the defaults fall back.
+    """
+    from featup.errors import WeightsUnavailableError
+
+    if args.backbone is not None or args.weights is not None or args.checkpoint is not None:
+        from jobs.models import resolve_model_names
+        from jobs.upsample import model_notices
+
+        args.weights = args.weights or "auto"
+        resolve_model_names(args)  # a featup: name is fetched now; offline, it fails here with one clear line
+        return DemoModel(args.backbone, args.weights, args.checkpoint,
+                         model_notices(args.weights if args.weights == "random" else "", args.checkpoint, "jbu"))
+    from featup import hub
+
+    try:
+        hub.resolve_checkpoint(ONLINE_CHECKPOINT)
+        return DemoModel(hub.implied_backbone(ONLINE_CHECKPOINT), "auto", ONLINE_CHECKPOINT, [])
+    except WeightsUnavailableError as e:
+        from jobs.assets import TEACHER_JBU
+
+        print(f"featup demo: offline ({str(e).splitlines()[0][:160]}...); using the synthetic teacher", file=sys.stderr)
+        return DemoModel(TEACHER_BACKBONE, "auto", str(TEACHER_JBU), [TEACHER_NOTICE])
