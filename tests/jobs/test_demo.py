@@ -82,5 +82,5 @@ def test_a_model_named_by_the_user_never_falls_back(tmp_path, capsys, closed_hub
     args = ["demo", "--out", str(tmp_path / "demo"), "--checkpoint", "featup:dino16", "--image-size", "32"]
     assert main(args) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("featup: error:") and "featup:dino16" in err[0] or "dino16" in err[0]
+    assert len(err) == 1 and err[0].startswith("featup: error:") and "dino16_jbu_stack_cocostuff.ckpt" in err[0], err
     assert not (tmp_path / "demo" / "features.zarr").exists()

@@ -132,3 +132,62 @@ def _stop_group(pgid: int, grace_s: float = 5.0) -> None:
             return
         time.sleep(0.2)
     os.killpg(pgid, signal.SIGKILL)
+
+
+def test_a_run_from_a_published_name_equals_the_published_math(env, tmp_path):
+    """``--checkpoint featup:dino16`` alone: the backbone implied, the checkpoint downloaded from the hub (a local
+    server here) with its backbone under model.0 in the DINO featurizer's layout, features equal to the published
+    math (backbone -> channel norm -> the published JBU stack's arithmetic)."""
+    import functools
+    import http.server
+    import threading
+
+    import torch
+
+    from featup.backbones import build_backbone
+    from featup.checkpoint import load_featup_checkpoint
+    from featup.upsamplers.reference import reference_stack
+    from pipeline.sources.decode import decode_sample
+    from pipeline.sources.shards import iter_shard_samples
+    from pipeline.store.reader import open_features
+    from tests.featup.conftest import featurizer_layout, training_checkpoint
+
+    served = tmp_path / "served"
+    served.mkdir()
+    with torch.random.fork_rng():
+        torch.manual_seed(3)
+        backbone = build_backbone("dino16", "random")
+    content = training_checkpoint(backbone.dim, backbone_state=featurizer_layout("dino16", backbone.model.state_dict()))
+    torch.save(content, served / "dino16_jbu_stack_cocostuff.ckpt")
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(served))
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    shard = corpus.make_good_shards(tmp_path / "in", 1, 2, size=(120, 150))[0]
+    out = tmp_path / "hub.zarr"
+    child_env = {**os.environ, "FEATUP_HUB_URL": f"http://127.0.0.1:{httpd.server_address[1]}/",
+                 "TORCH_HOME": str(tmp_path / "torch"), "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "jobs.cli", "precompute", shard, "--output", str(out), "--checkpoint", "featup:dino16",
+             "--image-size", "112", "--dtype", "float32", "--kernel-backend", "eager", "--batch-size", "2"],
+            env=child_env, capture_output=True, text=True, timeout=600)
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    assert done.returncode == 0, done.stderr[-3000:]
+    reader = open_features(str(out))
+    assert reader.attrs["backbone"] == "dino16" and reader.attrs["checkpoint"] == "featup:dino16"
+    assert reader.attrs["backbone_weights"].startswith("checkpoint:")  # one download gave the whole model
+
+    ckpt = load_featup_checkpoint(str(served / "dino16_jbu_stack_cocostuff.ckpt"), backend="eager")
+    model = build_backbone("dino16", "checkpoint", checkpoint=ckpt)
+    from pipeline.precompute.plan import make_plan
+
+    spec = make_plan(helpers.tiny_config([shard], str(tmp_path / "spec.zarr"), backbone="dino16", weights="random",
+                                         image_size=112)).spec
+    for i, raw in enumerate(iter_shard_samples(shard)):
+        image = decode_sample(raw, spec).image[None]  # (1, 3, 112, 112), as the job's workers decode it
+        with torch.inference_mode():
+            expected = reference_stack(ckpt.upsampler, ckpt.normalize(model(image)), image)[-1][0]  # (384, 112, 112)
+        got = reader[i]["features"]
+        assert float((got - expected).abs().max()) <= 1e-4 * float(expected.abs().max()), i
