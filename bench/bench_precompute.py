@@ -1,16 +1,22 @@
-"""Precompute throughput: the whole pipeline (read, decode, model, write) against the model alone, in one run.
+"""Precompute throughput as a user sees it: wall-clock steady state of ``featup precompute`` with default flags.
 
-Writes WebDataset shards from scikit-image's sample photos (several variants each, like ``featup demo``),
-runs ``featup precompute`` with one actor on a local Ray, then times the same model on the same,
-already decoded images in this process with the same thread count. The ratio says how well reading,
-decoding and writing hide behind the model (target on CPU with one actor: at least 0.85).
+Writes WebDataset shards of scikit-image's sample photos (several variants each, like ``featup demo``) for n and
+2n images, and times the whole command (a fresh process: Ray start, model load, compile, scan, write) on each.
+The pipeline's seconds per image in steady state are (T(2n) - T(n)) / n: start-up costs cancel. The yardstick
+is the same model in one process on already decoded images: backbone + upsampler + float16 conversion, same
+batch size, kernels and threads (all of this machine's CPUs, as the job's one default actor gets them). The
+ratio model / pipeline says how well reading, decoding, encoding and writing hide behind the model (target
+>= 0.85).
 
-    python bench/bench_precompute.py [--repeat 4] [--backbone timm:vit_small_patch16_224] [--kernel-backend eager]
+    python bench/bench_precompute.py [--images 24] [--backbone timm:vit_small_patch16_224] [-- extra precompute flags]
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -18,72 +24,82 @@ from pathlib import Path
 import torch
 
 
-def write_shards(folder: Path, repeat: int, n_shards: int) -> list[str]:
-    from jobs.demo import write_demo_shards
+def write_shards(folder: Path, images: int, per_shard: int = 6) -> list[str]:
+    """Shards of exactly ``images`` samples with distinct keys: the demo photos in their variants, repeated as needed."""
+    from PIL import Image
+
+    from jobs.demo import VARIANTS, variant_image, write_jpeg_tar
     from jobs.sample_images import sample_image_paths
 
-    return write_demo_shards(sample_image_paths() * repeat, folder, n_shards)
+    pictures = []
+    for photo in sample_image_paths():
+        with Image.open(photo) as img:
+            rgb = img.convert("RGB")
+        pictures += [(f"{photo.stem}-{variant}", variant_image(rgb, variant)) for variant in VARIANTS]
+    samples = [(f"copy{i // len(pictures)}-{pictures[i % len(pictures)][0]}", pictures[i % len(pictures)][1]) for i in range(images)]
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for s in range(0, images, per_shard):
+        path = folder / f"bench-{s // per_shard:06d}.tar"
+        write_jpeg_tar(path, samples[s : s + per_shard])
+        paths.append(str(path))
+    return paths
 
 
-def model_only_throughput(config, shards: list[str], threads: int) -> tuple[float, int]:
-    """Images/s of the FeatureExtractor alone on the decoded images of ``shards`` (after one warm-up batch)."""
-    from pipeline.sources.decode import DecodedSample, decode_sample
+def command_seconds(shards: list[str], output: Path, args: argparse.Namespace) -> float:
+    """Wall time of one ``featup precompute`` run with default flags (plus the benchmark's model and any extras)."""
+    command = [sys.executable, "-m", "jobs.cli", "precompute", *shards, "--output", str(output), "--backbone", args.backbone,
+               "--weights", "random", "--max-errors", "none", *args.extra]
+    env = {**os.environ, "TQDM_DISABLE": "1", "HF_HUB_OFFLINE": "1"}
+    start = time.perf_counter()
+    done = subprocess.run(command, env=env, capture_output=True, text=True)
+    seconds = time.perf_counter() - start
+    if done.returncode != 0:
+        raise SystemExit(f"precompute failed ({done.returncode}):\n{done.stderr[-3000:]}")
+    return seconds
+
+
+def model_seconds_per_image(shards: list[str], args: argparse.Namespace) -> float:
+    """Seconds per image of the job's own model step (FeatureExtractor: model + float16 conversion) in this process."""
+    from pipeline.precompute.config import PrecomputeConfig
     from pipeline.precompute.extract import FeatureExtractor
     from pipeline.precompute.plan import decode_spec
+    from pipeline.sources.decode import DecodedSample, decode_sample
     from pipeline.sources.shards import iter_shard_samples
 
-    torch.set_num_threads(threads)
+    config = PrecomputeConfig(inputs=tuple(shards), output="unused.zarr", backbone=args.backbone, weights="random")
+    torch.set_num_threads(os.cpu_count() or 1)
     extractor = FeatureExtractor(config)
     spec = decode_spec(config, extractor)
     images = [d.image for url in shards for s in iter_shard_samples(url) if isinstance(d := decode_sample(s, spec), DecodedSample)]
     batches = [torch.stack(images[i : i + config.batch_size]) for i in range(0, len(images), config.batch_size)]
-    extractor(batches[0])  # warm-up (and compilation, with the compiled kernels)
+    extractor(batches[0])  # warm-up and kernel compilation, as the job's first batch
     start = time.perf_counter()
     for batch in batches:
         extractor(batch)
-    return len(images) / (time.perf_counter() - start), len(images)
+    return (time.perf_counter() - start) / len(images)
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeat", type=int, default=4, help="copies of the 24 demo samples (default 4: 96 images)")
-    parser.add_argument("--shards", type=int, default=8)
+    parser.add_argument("--images", type=int, default=24, help="n: images of the short run (the long one has 2n)")
     parser.add_argument("--backbone", default="timm:vit_small_patch16_224")
-    parser.add_argument("--image-size", type=int, default=224)
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--cpus", type=int, default=2, help="CPUs (and torch threads) of the one actor")
-    parser.add_argument("--kernel-backend", default="eager", help="JBU kernels; eager keeps compile time out of both sides")
+    parser.add_argument("extra", nargs="*", help="extra featup precompute flags, after --")
     args = parser.parse_args(argv)
 
-    from pipeline.precompute.config import PrecomputeConfig
-    from pipeline.precompute.driver import run_precompute
-    from pipeline.store.features import FeatureStore
-
     with tempfile.TemporaryDirectory() as tmp:
-        shards = write_shards(Path(tmp) / "shards", args.repeat, args.shards)
-        config = PrecomputeConfig(
-            inputs=tuple(shards), output=str(Path(tmp) / "store.zarr"), backbone=args.backbone, weights="random",
-            image_size=args.image_size, actors=1, cpus_per_actor=args.cpus, device="cpu", batch_size=args.batch_size,
-            kernel_backend=args.kernel_backend,
-        )
-        start = time.perf_counter()
-        code = run_precompute(config, command_line=["bench_precompute"])
-        wall = time.perf_counter() - start
-        if code != 0:
-            raise SystemExit(f"precompute failed with exit code {code}")
-        report = FeatureStore.open(config.output, mode="r").read_report()
-        actor = next(iter(report["actors"]["per_actor"].values()))
-        model_ips, n_images = model_only_throughput(config, shards, args.cpus)
-
-    pipeline_ips = actor["images_per_s"]
-    print(f"\n{n_images} images, {args.backbone} + JBU ({args.kernel_backend} kernels), {args.image_size}px, "
-          f"batch {args.batch_size}, 1 actor x {args.cpus} CPUs")
-    print(f"model only (decoded images, in process):  {model_ips:7.2f} images/s")
-    print(f"pipeline, actor busy time (read+decode+model+write): {pipeline_ips:7.2f} images/s")
-    print(f"pipeline, whole job incl. Ray start and model load ({wall:.1f} s): {n_images / wall:7.2f} images/s")
-    print(f"ratio pipeline / model only: {pipeline_ips / model_ips:.2f}   (target >= 0.85)")
-    split = report["time_split_fraction"]
-    print("actor time split: " + ", ".join(f"{k} {v:.1%}" for k, v in split.items()))
+        root = Path(tmp)
+        small, large = write_shards(root / "n", args.images), write_shards(root / "2n", 2 * args.images)
+        t_n = command_seconds(small, root / "n.zarr", args)
+        t_2n = command_seconds(large, root / "2n.zarr", args)
+        model = model_seconds_per_image(small, args)
+    pipeline = (t_2n - t_n) / args.images
+    print(f"featup precompute, default flags, {args.backbone} (random weights) + JBU, {os.cpu_count()} CPUs, "
+          f"extra flags {args.extra or 'none'}")
+    print(f"T(n={args.images}) = {t_n:.1f} s, T(2n={2 * args.images}) = {t_2n:.1f} s (whole command, wall clock)")
+    print(f"pipeline, steady state (T(2n) - T(n)) / n: {pipeline:.3f} s/image ({1 / pipeline:.2f} images/s)")
+    print(f"model alone in one process (model + float16, same batch): {model:.3f} s/image ({1 / model:.2f} images/s)")
+    print(f"ratio model / pipeline: {model / pipeline:.2f}   (target >= 0.85)")
 
 
 if __name__ == "__main__":

@@ -73,17 +73,17 @@ def write_demo_shards(photos: Sequence[Path], folder: Path, n_shards: int) -> li
         with Image.open(photo) as img:
             rgb = img.convert("RGB")
         for variant in VARIANTS:
-            samples.append((f"{photo.stem}-{variant}", _variant(rgb, variant)))
+            samples.append((f"{photo.stem}-{variant}", variant_image(rgb, variant)))
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
     for s in range(n_shards):
         path = folder / f"demo-{s:06d}.tar"
-        _write_tar(path, samples[s::n_shards])
+        write_jpeg_tar(path, samples[s::n_shards])
         paths.append(str(path))
     return paths
 
 
-def _variant(img, variant: str):
+def variant_image(img, variant: str):
     """A flipped, cropped or shrunk copy of the photo, so the demo has several distinct samples per photo."""
     from PIL import Image, ImageOps
 
@@ -98,7 +98,7 @@ def _variant(img, variant: str):
     return img
 
 
-def _write_tar(path: Path, samples: Sequence[tuple[str, object]]) -> None:
+def write_jpeg_tar(path: Path, samples: Sequence[tuple[str, object]]) -> None:
     """One WebDataset shard: ``<key>.jpg`` per sample (written to a temp name, then renamed)."""
     tmp = path.with_suffix(".tmp")
     with tarfile.open(tmp, "w") as tar:
