@@ -187,7 +187,7 @@ class Driver:
                     config, actor_resources(config), projection=self.projection, run_id=self.run_id, prefix=ACTOR_PREFIX, err=self.err
                 )
                 self._loop(self.pool)
-            self.progress.set(self.total.samples, self._postfix(), force=True)
+            self.progress.set(self.total.samples, self._postfix())  # drawn once more by close()
             self._check_some_succeeded()
         finally:
             if self.pool is not None:

@@ -272,7 +272,7 @@ class _Run:
                     self._checkpoint(final=self.step == c.steps)
         finally:
             batches.close()
-            progress.update(self.step, self.losses[-1]["total"] if self.losses else math.nan, force=True)
+            progress.update(self.step, self.losses[-1]["total"] if self.losses else math.nan)  # drawn once more by close()
             progress.close()
 
     def _log(self, window: list[dict[str, float]]) -> None:
