@@ -111,7 +111,15 @@ def check_command(command: Sequence[str]) -> list[str]:
         raise ConfigError(f"submit: expected a featup command after -- ({', '.join(names)}), got {got!r}")
     parser = argparse.ArgumentParser(prog=f"featup submit -- {command[0]}")
     importlib.import_module(SUBCOMMANDS[command[0]]).add_arguments(parser)
-    parser.parse_args(command[1:])
+    parsed = parser.parse_args(command[1:])
+    if hasattr(parsed, "backbone") and hasattr(parsed, "checkpoint"):  # a model command: its backbone named or implied
+        from featup import published
+
+        try:
+            if published.resolve_backbone(parsed.backbone, parsed.checkpoint) is None:
+                parser.error("--backbone: expected a backbone name, or a --checkpoint featup:<model> that implies one")
+        except ConfigError as e:
+            parser.error(str(e))
     has_address = any("--address" in action.option_strings for action in parser._actions)
     given = any(a == "--address" or a.startswith("--address=") for a in command[1:])
     return command + ["--address", "auto"] if has_address and not given else command

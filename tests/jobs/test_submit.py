@@ -262,7 +262,8 @@ def test_a_precompute_job_submitted_to_two_nodes_runs_actors_on_both_and_equals_
     job_id = _job_id(done.stdout)
     assert f"featup: job {job_id} SUCCEEDED" in done.stdout
     total = N_SHARDS * PER_SHARD
-    assert f"precompute: {total}/{total} samples (100.0%)" in done.stdout  # the job's own logs were followed to the end
+    assert f"| {total}/{total} img [" in done.stdout  # the job's own progress bar: its logs were followed to the end
+    assert f"{total} ok, 0 failed of {total}" in done.stdout  # and its end-of-run summary
     assert "polling the logs instead" not in done.stderr  # streamed through the Jobs API's websocket
     helpers.assert_same_store(cluster.reference, str(output))
     report = FeatureStore.open(str(output), mode="r").read_report()

@@ -63,7 +63,11 @@ def test_one_and_two_actors_write_the_same_store_as_plain_workers(env, tmp_path)
     helpers.reference_store(expected)
     for actors in (1, 2):
         config = helpers.tiny_config(env["shards"], tmp_path / f"actors{actors}.zarr", actors=actors, **timm)
-        code, report, err = _run(config)
+        env["flag"].touch()  # every forward sleeps: a loaded machine cannot let one actor finish before the other is up
+        try:
+            code, report, err = _run(config)
+        finally:
+            env["flag"].unlink()
         assert code == 0, err
         helpers.assert_same_store(expected.output, config.output)
         assert report["status"] == "complete" and report["shards"]["computed"] == N_SHARDS
