@@ -61,6 +61,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--decode-threads", type=positive_int, default=None,
         help="background decoding threads per actor (default: from its node, the CPUs per GPU less one, 1..16; 2 without a GPU)",
     )
+    res.add_argument(
+        "--write-threads", type=int, default=None,
+        help="threads per actor that encode and write rows while the model runs (default: the actor's CPUs; "
+             "with a GPU, the CPUs per GPU; 0: write in the model's thread)",
+    )
     res.add_argument("--kernel-backend", default="auto", help="JBU kernels: auto (torch.compile, eager fallback), compiled or eager")
     res.add_argument("--address", default=None, help="Ray cluster to join (auto, ray://host:10001); default: start a local Ray")
     run_opts = parser.add_argument_group("run")
@@ -112,6 +117,7 @@ def build_config(args: argparse.Namespace):
         cpus_per_actor=args.cpus_per_actor,
         batch_size=args.batch_size,
         decode_threads=args.decode_threads,
+        write_threads=args.write_threads,
         kernel_backend=args.kernel_backend,
         address=args.address,
         **({} if args.max_errors is None else {"max_errors": parse_max_errors(args.max_errors)}),

@@ -67,7 +67,8 @@ class PrecomputeConfig:
     gpus_per_actor: float | None = None  # None: 1 when the actors' device is CUDA (auto on a GPU cluster), else 0
     cpus_per_actor: float | None = None  # None: resolved by with_machine_resources (the driver does it once)
     batch_size: int = 8
-    decode_threads: int | None = 2  # None: sized per actor from its node (pipeline.cluster.decode_threads_for)
+    decode_threads: int | None = 2  # None: sized per actor from its node (pipeline.precompute.pool.decode_threads_for)
+    write_threads: int | None = None  # None: sized per actor (pool.write_threads_for); 0: rows written in the model's thread
     kernel_backend: str = "auto"  # "eager" skips the per-process torch.compile (seconds): best for tiny jobs
     address: str | None = None
     # int: a count of failed samples; float in [0, 1]: a fraction of all samples; None: no limit. The default stops a
@@ -235,6 +236,9 @@ def _check_resources(c: PrecomputeConfig) -> None:
         _positive("actors", c.actors)
     _positive("batch_size", c.batch_size)
     _positive("decode_threads", c.decode_threads, optional=True)
+    w = c.write_threads
+    if w is not None and (isinstance(w, bool) or not isinstance(w, int) or w < 0):
+        raise ConfigError(f"--write-threads: expected an integer >= 0, got {w!r}")
     g = c.gpus_per_actor
     if g is not None and (isinstance(g, bool) or not isinstance(g, (int, float)) or g < 0):
         raise ConfigError(f"--gpus-per-actor: expected a number >= 0, got {g!r}")

@@ -408,7 +408,8 @@ def _per_actor(stats: dict[str, Counter], nodes: dict[str, dict]) -> dict[str, d
                "images_per_s": round(s["samples"] / s["busy_s"], 3) if s["busy_s"] else 0.0,
                "node_id": nodes.get(name, {}).get("node_id"), "node_ip": nodes.get(name, {}).get("node_ip"),
                "decode_threads": nodes.get(name, {}).get("decode_threads"),
-               "torch_threads": nodes.get(name, {}).get("torch_threads")}
+               "torch_threads": nodes.get(name, {}).get("torch_threads"),
+               "write_threads": nodes.get(name, {}).get("write_threads")}
         for name, s in stats.items()
     }
 

@@ -81,6 +81,18 @@ def decode_threads_for(node: NodeResources, gpus_per_actor: float) -> int:
     return int(min(MAX_DECODE_THREADS, max(1, math.floor(share + 1e-9) - 1)))
 
 
+def write_threads_for(node: NodeResources, gpus_per_actor: float, cpus_per_actor: float) -> int:
+    """Encode-and-write threads of an actor on ``node``: the CPUs that come with its GPUs (2..16), else its own CPUs.
+
+    A GPU actor's model leaves the CPUs free, so encoding gets them; a CPU actor's writes share its cores with the
+    model and fill the gaps torch leaves (data-parallel kernels never keep every core busy all the time).
+    """
+    if gpus_per_actor <= 0 or node.gpus <= 0:
+        return max(1, int(cpus_per_actor))
+    share = node.cpus * min(gpus_per_actor, node.gpus) / node.gpus
+    return int(min(MAX_DECODE_THREADS, max(2, math.floor(share + 1e-9))))
+
+
 def this_node() -> NodeResources:
     """The node this process runs on: from Ray inside a Ray worker, else this machine's CPUs and GPUs."""
     import ray
@@ -112,8 +124,11 @@ class NodeWorker(ShardWorker):
         run_id: str | None = None,
     ) -> None:
         node = this_node()
+        gpus = _assigned_gpus()
         if config.decode_threads is None:
-            config = replace(config, decode_threads=decode_threads_for(node, _assigned_gpus()))
+            config = replace(config, decode_threads=decode_threads_for(node, gpus))
+        if config.write_threads is None:
+            config = replace(config, write_threads=write_threads_for(node, gpus, config.cpus_per_actor or 1.0))
         super().__init__(config, projection=projection, torch_threads=torch_threads, run_id=run_id)
         self.node = node
 
@@ -124,7 +139,8 @@ class NodeWorker(ShardWorker):
         return {
             "worker": self.name, "node_id": self.node.node_id, "node_ip": self.node.ip,
             "node_resources": {"CPU": self.node.cpus, "GPU": self.node.gpus, **self.node.custom},
-            "decode_threads": self.config.decode_threads, "torch_threads": torch.get_num_threads(),
+            "decode_threads": self.config.decode_threads, "write_threads": self.config.write_threads,
+            "torch_threads": torch.get_num_threads(),
         }
 
 

@@ -13,7 +13,7 @@ import threading
 import time
 from collections import Counter
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Iterator
 
 import numpy as np
@@ -22,6 +22,7 @@ import torch
 from pipeline.precompute.config import PrecomputeConfig
 from pipeline.precompute.extract import FeatureExtractor, Projection
 from pipeline.precompute.report import OTHER_REASONS
+from pipeline.precompute.writes import RowWriter
 from pipeline.runtime.models import quiet_cpu_only_warnings
 from pipeline.runtime.retry import TransientIOError, is_transient
 
@@ -83,6 +84,8 @@ class ShardWorker:
         quiet_cpu_only_warnings()
         if torch_threads is not None:
             torch.set_num_threads(torch_threads)
+        if config.write_threads is None:  # outside a pool (tests, in-process use): the actor's CPUs
+            config = replace(config, write_threads=max(1, int(config.cpus_per_actor or 1)))
         self.config = config
         self.extractor = FeatureExtractor(config, projection=projection)
         self.spec = decode_spec(config, self.extractor)
@@ -116,9 +119,7 @@ class ShardWorker:
         result = ShardResult(task.shard.index, task.shard.url, task.shard.num_samples, worker=self.name)
         rows: dict[int, dict] = {}
         self._done_in_shard = 0
-        # Off the CPU, writing overlaps the model; on the CPU the model already uses every core this actor
-        # has, and a writer thread would only compete with it, so rows are written in line.
-        writes = _BackgroundWrites(background=self.extractor.device.type != "cpu")
+        writes = RowWriter(store, self.config.write_threads)
         with ThreadPoolExecutor(self.config.decode_threads, thread_name_prefix="decode") as pool, writes:
             batch = _Batch()
             for position, sample in self._samples(task, pool, result):
@@ -191,8 +192,8 @@ class ShardWorker:
                 return FailedSample(sample.key, reason, sample.width, sample.height)
         return sample
 
-    def _flush(self, store, batch: _Batch, result: ShardResult, writes: _BackgroundWrites) -> None:
-        """Runs the model on a batch and hands its rows to the background writer (the next batch's model overlaps it)."""
+    def _flush(self, store, batch: _Batch, result: ShardResult, writes: RowWriter) -> None:
+        """Runs the model on a batch and hands its rows to the writer pool (the next batch's model overlaps them)."""
         if not batch.rows:
             return
         t = time.perf_counter()
@@ -203,12 +204,12 @@ class ShardWorker:
             arrays["image"] = np.stack([s.image_uint8 for s in batch.samples])  # (B, S, S, 3)
         for name in self.config.labels:
             arrays[name] = np.stack([s.labels[name] for s in batch.samples])
-        writes.submit(result, _write_batch, store, list(batch.rows), arrays)
-        writes.wait(result, keep=1)  # at most one batch in flight bounds the memory held
+        writes.submit(result, list(batch.rows), arrays)
+        writes.wait(result)  # a bounded number of batches in flight bounds the memory held
         self._done_in_shard += len(batch.rows)
 
     def _write_failed(self, store, row: int, task: ShardTask, result: ShardResult) -> None:
-        """Zero-fills a failed row when an earlier attempt may have written it (zero chunks are not stored at all)."""
+        """Zero-fills a failed row when an earlier attempt may have written it (rows never written already read as zeros)."""
         if task.clean:
             return
         t = time.perf_counter()
@@ -225,47 +226,6 @@ class ShardWorker:
             if row not in rows:
                 rows[row] = {"row": row, "shard": task.shard.url, "key": key, "width": 0, "height": 0, "status": "error", "error": reason}
                 self._write_failed(store, row, task, result)
-
-
-def _write_batch(store, rows: list[int], arrays: dict[str, np.ndarray]) -> None:
-    """Writes a batch's arrays, one contiguous run of rows at a time."""
-    for lo, hi in _runs(rows):
-        first = rows.index(lo)
-        store.write_rows(lo, {name: value[first : first + hi - lo] for name, value in arrays.items()})
-
-
-class _BackgroundWrites:
-    """One writer thread: zstd compression and store writes of a batch overlap the model on the next one.
-
-    ``wait`` blocks until at most ``keep`` writes are in flight, re-raising a write's error, and counts the
-    time blocked as write time (the part of writing the model did not hide). With ``background=False``
-    each write runs at once in the calling thread.
-    """
-
-    def __init__(self, background: bool = True) -> None:
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="write") if background else None
-        self._pending: list[Future] = []
-
-    def submit(self, result: ShardResult, fn, *args) -> None:
-        if self._pool is not None:
-            self._pending.append(self._pool.submit(fn, *args))
-            return
-        t = time.perf_counter()
-        fn(*args)
-        result.write_s += time.perf_counter() - t
-
-    def wait(self, result: ShardResult, keep: int) -> None:
-        t = time.perf_counter()
-        while len(self._pending) > keep:
-            self._pending.pop(0).result()
-        result.write_s += time.perf_counter() - t
-
-    def __enter__(self) -> _BackgroundWrites:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)  # on an error, let in-flight writes end before the shard is retried
 
 
 def _prefetch(shard: Any, config: PrecomputeConfig, spec, pool: ThreadPoolExecutor, result: ShardResult) -> Iterator[Any]:
@@ -359,17 +319,6 @@ def _index_row(row: int, url: str, sample: Any) -> dict:
         "error": sample.reason if failed else "",
         "orientation": 0 if failed else int(getattr(sample, "orientation", 1)),
     }
-
-
-def _runs(rows: list[int]) -> list[tuple[int, int]]:
-    """Sorted distinct rows grouped into contiguous [lo, hi) runs."""
-    runs: list[tuple[int, int]] = []
-    for row in rows:
-        if runs and runs[-1][1] == row:
-            runs[-1] = (runs[-1][0], row + 1)
-        else:
-            runs.append((row, row + 1))
-    return runs
 
 
 def _count(rows: Any, result: ShardResult) -> None:

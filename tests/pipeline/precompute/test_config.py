@@ -36,6 +36,7 @@ def test_fingerprint_holds_the_content_settings_and_not_the_resources():
         (dict(actors=0), "actors: expected a positive integer, got 0"),
         (dict(cpus_per_actor=0), "--cpus-per-actor: expected a number > 0, got 0"),
         (dict(gpus_per_actor=-1), "--gpus-per-actor: expected a number >= 0, got -1"),
+        (dict(write_threads=-1), "--write-threads: expected an integer >= 0, got -1"),
         (dict(device="tpu"), "--device: expected auto, cpu or cuda[:N], got 'tpu'"),
         (dict(device="cuda", gpus_per_actor=0), "--gpus-per-actor: expected a number > 0 with --device cuda"),
         (dict(max_errors=1.5), "--max-errors: expected a fraction between 0 and 1, got 1.5"),

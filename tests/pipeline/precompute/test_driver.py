@@ -239,6 +239,7 @@ def test_one_actor_by_default_uses_every_cpu_of_the_local_ray_for_torch(env, tmp
     code, report, _ = _run(config)
     (actor,) = report["actors"]["per_actor"].values()
     assert code == 0 and actor["torch_threads"] == 2  # the test's local Ray has 2 CPUs, all given to the one actor
+    assert actor["write_threads"] == 2  # and its rows are encoded and written on 2 threads
     assert report["config"]["cpus_per_actor"] == 2.0
 
 

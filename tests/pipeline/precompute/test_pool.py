@@ -10,7 +10,7 @@ import pytest
 from tests.helpers import corpus
 from tests.helpers import precompute as helpers
 
-from pipeline.precompute.pool import NodeResources, actors_that_fit, decode_threads_for  # noqa: E402
+from pipeline.precompute.pool import NodeResources, actors_that_fit, decode_threads_for, write_threads_for  # noqa: E402
 from pipeline.precompute.driver import run_precompute  # noqa: E402
 
 N_SHARDS, PER_SHARD = 4, 5
@@ -48,6 +48,15 @@ def test_decode_threads_are_the_cpus_per_gpu_less_one_within_bounds():
     assert decode_threads_for(NodeResources("small", "", cpus=2, gpus=1), gpus_per_actor=1) == 1
     assert decode_threads_for(NodeResources("big", "", cpus=96, gpus=1), gpus_per_actor=1) == 16
     assert decode_threads_for(HEAD, gpus_per_actor=0) == 2  # a CPU actor: the model needs the CPUs
+
+
+def test_write_threads_are_the_cpus_of_the_actors_gpus_or_its_own_cpus():
+    assert write_threads_for(ONE_GPU, gpus_per_actor=1, cpus_per_actor=1) == 8  # the GPU's CPUs encode while it computes
+    assert write_threads_for(FOUR_GPUS, gpus_per_actor=1, cpus_per_actor=1) == 12
+    assert write_threads_for(NodeResources("small", "", cpus=2, gpus=1), gpus_per_actor=1, cpus_per_actor=1) == 2
+    assert write_threads_for(NodeResources("big", "", cpus=96, gpus=1), gpus_per_actor=1, cpus_per_actor=1) == 16
+    assert write_threads_for(HEAD, gpus_per_actor=0, cpus_per_actor=4) == 4  # a CPU actor: its own share
+    assert write_threads_for(HEAD, gpus_per_actor=0, cpus_per_actor=0.5) == 1
 
 
 @pytest.fixture(scope="module")
