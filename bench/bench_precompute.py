@@ -9,7 +9,7 @@ batch size, kernels and threads (all of this machine's CPUs, as the job's one de
 ratio model / pipeline says how well reading, decoding, encoding and writing hide behind the model (target
 >= 0.85).
 
-    python bench/bench_precompute.py [--images 24] [--backbone timm:vit_small_patch16_224] [-- extra precompute flags]
+    python bench/bench_precompute.py [--images 24] [--backbone timm:vit_small_patch16_224] [--compare FLAGS] [-- extra precompute flags]
 """
 
 from __future__ import annotations
@@ -84,27 +84,39 @@ def model_seconds_per_image(shards: list[str], args: argparse.Namespace) -> floa
     return (time.perf_counter() - start) / len(images)
 
 
+def pipeline_seconds_per_image(root: Path, small: list[str], large: list[str], args: argparse.Namespace, label: str) -> tuple[float, float, float]:
+    """(T(n), T(2n), steady-state seconds per image) of the command with ``args.extra`` flags."""
+    t_n = command_seconds(small, root / f"{label}-n.zarr", args)
+    t_2n = command_seconds(large, root / f"{label}-2n.zarr", args)
+    return t_n, t_2n, (t_2n - t_n) / args.images
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=24, help="n: images of the short run (the long one has 2n)")
     parser.add_argument("--backbone", default="timm:vit_small_patch16_224")
+    parser.add_argument("--compare", default=None, metavar="FLAGS",
+                        help='a second row, measured in the same run with these extra flags (e.g. "--write-threads 0")')
     parser.add_argument("extra", nargs="*", help="extra featup precompute flags, after --")
     args = parser.parse_args(argv)
+    variants = [("default" if not args.extra else " ".join(args.extra), args.extra)]
+    if args.compare:
+        variants.append((args.compare, [*args.extra, *args.compare.split()]))
 
+    rows = []
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         small, large = write_shards(root / "n", args.images), write_shards(root / "2n", 2 * args.images)
         command_seconds(small[:1], root / "warm.zarr", args)  # fills inductor's on-disk kernel cache: both runs find it
-        t_n = command_seconds(small, root / "n.zarr", args)
-        t_2n = command_seconds(large, root / "2n.zarr", args)
+        for i, (label, extra) in enumerate(variants):
+            rows.append((label, *pipeline_seconds_per_image(root, small, large, argparse.Namespace(**{**vars(args), "extra": extra}), f"v{i}")))
         model = model_seconds_per_image(small, args)
-    pipeline = (t_2n - t_n) / args.images
-    print(f"featup precompute, default flags, {args.backbone} (random weights) + JBU, {os.cpu_count()} CPUs, "
-          f"extra flags {args.extra or 'none'}")
-    print(f"T(n={args.images}) = {t_n:.1f} s, T(2n={2 * args.images}) = {t_2n:.1f} s (whole command, wall clock)")
-    print(f"pipeline, steady state (T(2n) - T(n)) / n: {pipeline:.3f} s/image ({1 / pipeline:.2f} images/s)")
+    print(f"featup precompute, {args.backbone} (random weights) + JBU, {os.cpu_count()} CPUs")
     print(f"model alone in one process (model + float16, same batch): {model:.3f} s/image ({1 / model:.2f} images/s)")
-    print(f"ratio model / pipeline: {model / pipeline:.2f}   (target >= 0.85)")
+    for label, t_n, t_2n, pipeline in rows:
+        print(f"[{label}] T(n={args.images}) = {t_n:.1f} s, T(2n={2 * args.images}) = {t_2n:.1f} s (whole command, wall clock); "
+              f"steady state (T(2n) - T(n)) / n: {pipeline:.3f} s/image ({1 / pipeline:.2f} images/s); "
+              f"ratio model / pipeline: {model / pipeline:.2f}   (target >= 0.85)")
 
 
 if __name__ == "__main__":
