@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -84,11 +86,13 @@ def model_seconds_per_image(shards: list[str], args: argparse.Namespace) -> floa
     return (time.perf_counter() - start) / len(images)
 
 
-def pipeline_seconds_per_image(root: Path, small: list[str], large: list[str], args: argparse.Namespace, label: str) -> tuple[float, float, float]:
-    """(T(n), T(2n), steady-state seconds per image) of the command with ``args.extra`` flags."""
-    t_n = command_seconds(small, root / f"{label}-n.zarr", args)
-    t_2n = command_seconds(large, root / f"{label}-2n.zarr", args)
-    return t_n, t_2n, (t_2n - t_n) / args.images
+def pipeline_seconds_per_image(root: Path, small: list[str], large: list[str], args: argparse.Namespace, label: str) -> tuple[float, float]:
+    """(T(n), T(2n)) of the command with ``args.extra`` flags (the stores are deleted after: they are large)."""
+    seconds = []
+    for shards, name in ((small, "n"), (large, "2n")):
+        seconds.append(command_seconds(shards, root / f"{label}-{name}.zarr", args))
+        shutil.rmtree(root / f"{label}-{name}.zarr")
+    return seconds[0], seconds[1]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -97,23 +101,30 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--backbone", default="timm:vit_small_patch16_224")
     parser.add_argument("--compare", default=None, metavar="FLAGS",
                         help='a second row, measured in the same run with these extra flags (e.g. "--write-threads 0")')
+    parser.add_argument("--repeats", type=int, default=1, help="interleaved rounds; each figure is their median")
     parser.add_argument("extra", nargs="*", help="extra featup precompute flags, after --")
     args = parser.parse_args(argv)
     variants = [("default" if not args.extra else " ".join(args.extra), args.extra)]
     if args.compare:
         variants.append((args.compare, [*args.extra, *args.compare.split()]))
 
-    rows = []
+    times: dict[str, list[tuple[float, float]]] = {label: [] for label, _ in variants}
+    models: list[float] = []
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         small, large = write_shards(root / "n", args.images), write_shards(root / "2n", 2 * args.images)
         command_seconds(small[:1], root / "warm.zarr", args)  # fills inductor's on-disk kernel cache: both runs find it
-        for i, (label, extra) in enumerate(variants):
-            rows.append((label, *pipeline_seconds_per_image(root, small, large, argparse.Namespace(**{**vars(args), "extra": extra}), f"v{i}")))
-        model = model_seconds_per_image(small, args)
-    print(f"featup precompute, {args.backbone} (random weights) + JBU, {os.cpu_count()} CPUs")
+        for r in range(args.repeats):  # rounds interleave the variants, so a busy spell of the machine hits both
+            for i, (label, extra) in enumerate(variants):
+                run_args = argparse.Namespace(**{**vars(args), "extra": extra})
+                times[label].append(pipeline_seconds_per_image(root, small, large, run_args, f"v{i}-r{r}"))
+            models.append(model_seconds_per_image(small, args))
+    model = statistics.median(models)
+    print(f"featup precompute, {args.backbone} (random weights) + JBU, {os.cpu_count()} CPUs, median of {args.repeats} round(s)")
     print(f"model alone in one process (model + float16, same batch): {model:.3f} s/image ({1 / model:.2f} images/s)")
-    for label, t_n, t_2n, pipeline in rows:
+    for label, runs in times.items():
+        t_n, t_2n = statistics.median(t for t, _ in runs), statistics.median(t for _, t in runs)
+        pipeline = statistics.median((b - a) / args.images for a, b in runs)
         print(f"[{label}] T(n={args.images}) = {t_n:.1f} s, T(2n={2 * args.images}) = {t_2n:.1f} s (whole command, wall clock); "
               f"steady state (T(2n) - T(n)) / n: {pipeline:.3f} s/image ({1 / pipeline:.2f} images/s); "
               f"ratio model / pipeline: {model / pipeline:.2f}   (target >= 0.85)")
