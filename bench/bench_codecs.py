@@ -7,17 +7,22 @@ into a zarr v3 array (in memory, the store's sharded layout) on one thread and p
 - bytes per map and ratio to raw float16; encode and decode MB/s of float16 features per core (process CPU time, one
   blosc/zarr/torch thread; encode includes the lossy step, decode the dequantisation);
 - relative L2 error of the features against the float16 maps, mean and worst map;
-- probe mIoU: a hook for the full pipeline (``probe_quality``), not measured here.
+- probe mIoU and accuracy (``probe_quality``): the synthetic segmentation set (tests/pipeline/sources/test_synthetic.py's
+  round trip: 4 shards of 16 images, the tiny random-weight backbone of tests/helpers/precompute.py, JBU at 64)
+  precomputed with ``featup precompute`` and the option's flags on a local Ray, then ``featup probe --target seg.png
+  --classes 4 --epochs 10 --lr 0.05`` (same keys, same held-out split); the difference in mIoU points to the float16
+  auto store. ``--no-probe`` skips it.
 
 Then a crop table: random 112x112 crops from a sharded and an unsharded store, local and s3:// (a moto server
 subprocess on 127.0.0.1): samples/s and bytes read per crop.
 
-    python bench/bench_codecs.py [--maps 4] [--size 224] [--crop 112] [--crops 24] [--crop-maps 3] [--repeats 3]
+    python bench/bench_codecs.py [--maps 4] [--size 224] [--crop 112] [--crops 24] [--crop-maps 3] [--repeats 3] [--no-probe]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import socket
@@ -25,7 +30,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, redirect_stdout
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
@@ -46,6 +51,8 @@ from pipeline.store.codecs import StorageCodec  # noqa: E402
 from pipeline.store.quantize import dequantize_int8_numpy, quantize_int8, round_mantissa  # noqa: E402
 
 CREDENTIALS = {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1"}
+PROBE_SHARDS, PROBE_PER_SHARD, PROBE_SIZE = 4, 16, 64  # the synthetic set of tests/pipeline/sources/test_synthetic.py
+PROBE_ARGS = ("--target", "seg.png", "--classes", "4", "--epochs", "10", "--lr", "0.05")
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "camera", "immunohistochemistry", "retina", "hubble_deep_field")
 
 
@@ -148,11 +155,64 @@ def decode(option: Option, group: zarr.Group, n: int, repeats: int) -> tuple[lis
     return out, total
 
 
-def probe_quality(option: Option) -> float | None:
-    """HOOK for the main engineer: ``featup probe`` mIoU on the synthetic segmentation set (pipeline/synthetic.py,
-    the backbone and settings of its round-trip test, same split) for a store written with ``option.codec``.
-    Needs the precompute worker wired to StorageCodec; returns None (printed as "hook") until then."""
-    return None
+def codec_flags(codec: StorageCodec, size: int) -> list[str]:
+    """The ``featup precompute`` flags that write a store with ``codec`` (tile None: one tile as large as the map)."""
+    flags = ["--codec", codec.codec, "--tile", str(codec.tile or size)]
+    flags += ["--quantize", codec.quantize] if codec.quantize else []
+    return flags + (["--keep-bits", str(codec.keep_bits)] if codec.keep_bits else [])
+
+
+@contextmanager
+def probe_set() -> Iterator[Path]:
+    """A folder with the synthetic segmentation shards of the round-trip test, and a local 2-CPU Ray whose workers
+    import the tiny random-weight backbone of tests/helpers/precompute.py."""
+    from pipeline.sources.synthetic import SyntheticSpec, write_synthetic_shards
+    from tests.helpers import precompute as helpers
+
+    with tempfile.TemporaryDirectory(prefix="bench-codecs-probe-") as tmp:
+        root = Path(tmp)
+        write_synthetic_shards(root / "in", PROBE_SHARDS, PROBE_PER_SHARD, SyntheticSpec(height=64, width=96, classes=4))
+        with helpers.local_ray(helpers.write_tiny_module(root / "mods"), root / "slow.flag"):
+            yield root
+
+
+def probe_quality(option: Option, root: Path | None) -> dict | None:
+    """``featup probe`` mIoU and accuracy on the synthetic segmentation set (``probe_set``), precomputed through the CLI
+    with the round-trip test's backbone and settings plus ``option``'s flags; None without a set."""
+    if root is None:
+        return None
+    from jobs.cli import main as featup
+    from tests.helpers.precompute import TINY_BACKBONE
+
+    name = "".join(c if c.isalnum() else "-" for c in option.label)
+    store, shards = str(root / f"{name}.zarr"), str(root / "in" / f"synthetic-{{000000..{PROBE_SHARDS - 1:06d}}}.tar")
+    with redirect_stdout(sys.stderr):  # the commands' summaries and tables: not the benchmark's
+        code = featup(["precompute", shards, "--output", store, "--backbone", TINY_BACKBONE, "--weights", "random",
+                       "--image-size", str(PROBE_SIZE), "--kernel-backend", "eager", "--device", "cpu",
+                       "--labels", "seg.png", "--save-image", *codec_flags(option.codec, PROBE_SIZE)])
+        code = code or featup(["probe", store, *PROBE_ARGS, "--out", str(root / "probe")])
+    if code:
+        raise SystemExit(f"probe of {option.label}: featup exited with {code}")
+    metrics = json.loads((root / "probe" / f"{name}.metrics.json").read_text())
+    return {"miou": metrics["miou"], "accuracy": metrics["accuracy"], "split": metrics["split_sha256"]}
+
+
+def add_probes(rows: list[dict]) -> None:
+    """Each row's ``probe`` metrics, and their mIoU difference to the float16 auto store's (the reference)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(os.cpu_count() or 1)
+    try:
+        with probe_set() as root:
+            for row, option in zip(rows, OPTIONS):
+                row["probe"] = probe_quality(option, root)
+                print(f"probe {option.label}: mIoU {row['probe']['miou']:.4f}", file=sys.stderr)
+    finally:
+        torch.set_num_threads(threads)
+    reference = next(r["probe"] for r, o in zip(rows, OPTIONS) if o.codec == StorageCodec("auto"))
+    if len({r["probe"]["split"] for r in rows}) != 1:
+        raise SystemExit("probe: the stores' held-out splits differ")
+    for row in rows:
+        row["probe"]["delta"] = row["probe"]["miou"] - reference["miou"]
 
 
 def codec_rows(maps: np.ndarray, repeats: int) -> list[dict]:
@@ -167,8 +227,7 @@ def codec_rows(maps: np.ndarray, repeats: int) -> list[dict]:
         errors = [np.linalg.norm(b - r) / np.linalg.norm(r) for b, r in zip(back, ref)]
         rows.append({"label": option.label, "bytes": stored, "ratio": raw / stored,
                      "enc": raw * len(maps) / enc_s / 1e6, "dec": raw * len(maps) / dec_s / 1e6,
-                     "err_mean": float(np.mean(errors)), "err_max": float(np.max(errors)),
-                     "probe": probe_quality(option)})
+                     "err_mean": float(np.mean(errors)), "err_max": float(np.max(errors)), "probe": None})
     return rows
 
 
@@ -248,12 +307,17 @@ def print_tables(args: argparse.Namespace, codecs: list[dict], crops: list[dict]
     print(f"\n{args.maps} JBU maps, 384x{args.size}x{args.size}, raw float16 {raw / 1e6:.1f} MB per map; "
           "one thread; MB/s of float16 features per core (CPU time)\n")
     print("| codec / option | MB per map | x smaller than float16 | encode MB/s | decode MB/s "
-          "| rel. L2 error mean | worst map | probe mIoU |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+          "| rel. L2 error mean | worst map | probe mIoU (vs auto) | probe accuracy |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in codecs:
-        probe = "hook" if r["probe"] is None else f"{r['probe']:.1f}"
+        p = r["probe"]
+        probe = "not run | not run" if p is None else f"{p['miou']:.2%} ({100 * p['delta']:+.2f}) | {p['accuracy']:.2%}"
         print(f"| {r['label']} | {r['bytes'] / 1e6:.2f} | {r['ratio']:.2f} | {r['enc']:.0f} | {r['dec']:.0f} "
               f"| {r['err_mean']:.2%} | {r['err_max']:.2%} | {probe} |")
+    if codecs[0]["probe"] is not None:
+        print(f"\nprobe: featup probe {' '.join(PROBE_ARGS)} on the synthetic segmentation set ({PROBE_SHARDS} x "
+              f"{PROBE_PER_SHARD} images, tiny random backbone + JBU at {PROBE_SIZE}, same held-out split); "
+              "(vs auto): mIoU points against the float16 auto store; target for int8: within 0.5")
     print(f"\nRandom {args.crop}x{args.crop} crops (all channels) of {args.crop_maps} maps, {args.crops} per store, "
           "codec auto, wall clock\n")
     print("| where | layout | crops/s | MB read per crop | MB per stored map | read / map |")
@@ -271,6 +335,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--crop", type=int, default=112)
     parser.add_argument("--crops", type=int, default=24, help="random crops read per store")
     parser.add_argument("--repeats", type=int, default=3, help="timings per map (the best is kept)")
+    parser.add_argument("--no-probe", action="store_true", help="skip the probe columns (a precompute and a probe "
+                        "per option, about 30 s each)")
     args = parser.parse_args(argv)
     start = time.perf_counter()
     maps = feature_maps(args.maps, args.size)  # (N, 384, S, S) float16; built with the machine's torch threads
@@ -280,6 +346,9 @@ def main(argv: list[str] | None = None) -> None:
     with zarr.config.set({"threading.max_workers": 1, "async.concurrency": 1}):
         codecs = codec_rows(maps, args.repeats)
     print(f"codec table done at {time.perf_counter() - start:.0f} s", file=sys.stderr)
+    if not args.no_probe:
+        add_probes(codecs)
+        print(f"probe column done at {time.perf_counter() - start:.0f} s", file=sys.stderr)
     folder = tempfile.mkdtemp(prefix="bench-codecs-")
     try:
         few = maps[:args.crop_maps]
