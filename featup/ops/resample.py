@@ -9,6 +9,8 @@ layout, and the result matches ``F.interpolate`` to float rounding. On other dev
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -32,6 +34,17 @@ def bicubic_taps_2x() -> list[float]:
     """The 8 weights one input sample spreads over the outputs of a 2x bicubic upsample."""
     # Output 2i + p samples the input at i + p / 2 - 1 / 4; input i + k contributes cubic(k - p / 2 + 1 / 4).
     return [_cubic((n - 3.5) / 2) for n in range(8)]
+
+
+def bicubic_matrix_2x(size: int) -> torch.Tensor:
+    """(2*size, size) float64: row o holds the weights ``F.interpolate`` gives each input sample in output o."""
+    matrix = torch.zeros(2 * size, size, dtype=torch.float64)
+    for o in range(2 * size):
+        position = o / 2 - 0.25  # output o samples the input at (o + 0.5) / 2 - 0.5
+        first = math.floor(position) - 1
+        for k in range(first, first + 4):  # PyTorch clamps the indices of the 4 taps at the borders
+            matrix[o, min(max(k, 0), size - 1)] += _cubic(position - k)
+    return matrix
 
 
 def bicubic_upsample_2x(x: torch.Tensor) -> torch.Tensor:
