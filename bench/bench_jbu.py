@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--channels", type=int, default=384)
     parser.add_argument("--low", type=int, default=14, help="low-resolution side; output is 16x that")
     parser.add_argument("--repeats", type=int, default=5, help="interleaved rounds; each row reports its median")
-    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's, the machine's cores)")
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's own)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     args = parser.parse_args(argv)

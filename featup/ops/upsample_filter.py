@@ -21,53 +21,49 @@ import torch.nn.functional as F
 from featup.errors import InputError
 from featup.ops.adaptive_conv import filter_diameter
 from featup.ops.compiled import Backend, LazyCompiled
-from featup.ops.resample import bicubic_matrix_2x
+from featup.ops.resample import bicubic_sampling_2x
 
 
-def _reflect(index: int, size: int) -> int:
-    """``F.pad(..., mode="reflect")`` index mapping for one overhang shorter than ``size``."""
-    if index < 0:
-        return -index
-    return 2 * (size - 1) - index if index >= size else index
+def _reflect_index(size: int, radius: int) -> torch.Tensor:
+    """(size, D): index that ``F.pad(..., mode="reflect")`` reads for tap t of output o (one overhang < size)."""
+    index = torch.arange(size).view(-1, 1) + torch.arange(2 * radius + 1) - radius
+    index = torch.where(index < 0, -index, index)
+    return torch.where(index >= size, 2 * (size - 1) - index, index)
 
 
-def _tap_rows(size: int, radius: int) -> torch.Tensor:
-    """(2*size, D, size) float64: weight of source sample s in tap t of upsampled, reflect-padded output o."""
-    upsample = bicubic_matrix_2x(size)  # (2*size, size)
-    out = 2 * size
-    index = [[_reflect(o + t - radius, out) for t in range(2 * radius + 1)] for o in range(out)]
-    return upsample[torch.tensor(index)]
+def _tap_samples(size: int, radius: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Source offsets from o // 2 (2*size, D, 4) and weights of the bicubic samples in tap t of output o."""
+    index, weight = bicubic_sampling_2x(size)  # (2*size, 4) each
+    upsampled = _reflect_index(2 * size, radius)  # (2*size, D): the upsampled row each tap reads
+    offsets = index[upsampled] - (torch.arange(2 * size) // 2).view(-1, 1, 1)
+    return offsets, weight[upsampled]
 
 
 @functools.lru_cache(maxsize=None)
 def window(radius: int) -> tuple[int, int]:
     """(offset, width) of the source window: output o reads source samples o // 2 + offset + [0, width)."""
-    size = 4 * radius + 8  # large enough for interior outputs that no border touches
-    taps = _tap_rows(size, radius)
-    nonzero = taps.abs().sum(dim=1).nonzero()  # (N, 2): (output, source) pairs
-    offsets = nonzero[:, 1] - nonzero[:, 0] // 2
+    offsets, _ = _tap_samples(4 * radius + 8, radius)  # borders and interior of any size alike
     lo, hi = int(offsets.min()), int(offsets.max())
     return lo, hi - lo + 1
 
 
-@functools.lru_cache(maxsize=256)
+@functools.lru_cache(maxsize=64)
 def resample_taps(size: int, radius: int) -> torch.Tensor:
     """(2*size, D, K) float64: weight of source sample o // 2 + offset + k in tap t of output o (do not modify).
 
-    Border outputs get their own weights; the window is the same for every output, which holds
-    because reflection and clamping only pull samples towards the inside.
+    Border outputs get their own weights; every output reads the same window, because reflection
+    and clamping only pull samples towards the inside.
     """
     if 2 * size <= radius:
-        raise InputError(f"upsample_filter: a source of size {size} is too small for radius {radius}: expected more than {radius / 2:g}")
+        raise InputError(
+            f"upsample_filter: a source of size {size} is too small for radius {radius}: expected more than {radius / 2:g}"
+        )
     lo, width = window(radius)
-    taps = _tap_rows(size, radius)  # (2*size, D, size)
-    source = torch.arange(2 * size).view(-1, 1) // 2 + lo + torch.arange(width).view(1, -1)  # (2*size, K)
-    inside = (source >= 0) & (source < size)
-    gathered = taps.gather(2, source.clamp(0, size - 1).unsqueeze(1).expand(-1, taps.shape[1], -1))
-    gathered = gathered * inside.unsqueeze(1)
-    if not torch.allclose(gathered.sum(dim=2), taps.sum(dim=2), rtol=0, atol=1e-12):
-        raise AssertionError(f"bicubic taps of size {size}, radius {radius} fall outside the source window")
-    return gathered
+    offsets, weight = _tap_samples(size, radius)
+    if offsets.min() < lo or offsets.max() >= lo + width:
+        raise RuntimeError(f"bicubic samples of size {size}, radius {radius} fall outside the {width}-wide source window")
+    taps = torch.zeros(2 * size, 2 * radius + 1, width, dtype=torch.float64)
+    return taps.scatter_add_(2, offsets - lo, weight)
 
 
 def _make_compose(diameter: int):
@@ -95,7 +91,8 @@ def _make_composed_taps(width: int):
         b, c, hp, wp = source_padded.shape
         h, w = kernel.shape[2], kernel.shape[3]
         # (B, 2hp, 2wp, C): sample [y, x] is source_padded[y // 2, x // 2], a view the compiler indexes.
-        nearest = source_padded.permute(0, 2, 3, 1)[:, :, None, :, None, :].expand(b, hp, 2, wp, 2, c).reshape(b, 2 * hp, 2 * wp, c)
+        nearest = source_padded.permute(0, 2, 3, 1)[:, :, None, :, None, :]  # (B, hp, 1, wp, 1, C)
+        nearest = nearest.expand(b, hp, 2, wp, 2, c).reshape(b, 2 * hp, 2 * wp, c)
         k = kernel.permute(0, 2, 3, 1)  # (B, H, W, K*K)
         terms = [
             nearest[:, 2 * i : 2 * i + h, 2 * j : 2 * j + w] * k[..., i * width + j : i * width + j + 1]
@@ -144,11 +141,13 @@ _COMPOSE = LazyCompiled(_make_compose)
 _COMPOSED_TAPS = LazyCompiled(_make_composed_taps, _make_composed_taps_eager)
 
 
-def compose_filters(filters: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, backend: Backend = "auto") -> torch.Tensor:
-    """Per-pixel D x D filters (B, D*D, H, W) and resample taps (H, D, K), (W, D, K) -> K x K filters (B, K*K, H, W)."""
+def compose_filters(
+    filters: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, backend: Backend = "auto"
+) -> torch.Tensor:
+    """D x D filters (B, D*D, H, W) and resample taps (H, D, K), (W, D, K) -> K x K filters (B, K*K, H, W)."""
     diameter = filter_diameter(filters.shape[1], "compose_filters")
-    rows = rows.to(filters.device, filters.dtype).permute(1, 2, 0).contiguous()  # (D, K, H)
-    cols = cols.to(filters.device, filters.dtype).permute(1, 2, 0).contiguous()  # (D, K, W)
+    rows = rows.to(filters.dtype).to(filters.device).permute(1, 2, 0).contiguous()  # (D, K, H)
+    cols = cols.to(filters.dtype).to(filters.device).permute(1, 2, 0).contiguous()  # (D, K, W)
     return _COMPOSE(diameter, filters.contiguous(), rows, cols, backend=backend)
 
 
@@ -166,14 +165,18 @@ def composed_conv(source_padded: torch.Tensor, kernel: torch.Tensor, backend: Ba
     return _COMPOSED_TAPS(width, source_padded, kernel, backend=backend).to(source_padded.dtype)
 
 
-def upsample_filter(source: torch.Tensor, filters: torch.Tensor, rows: slice | None = None, backend: Backend = "auto") -> torch.Tensor:
+def upsample_filter(
+    source: torch.Tensor, filters: torch.Tensor, rows: slice | None = None, backend: Backend = "auto"
+) -> torch.Tensor:
     """``adaptive_conv`` of the reflect-padded bicubic 2x upsample of ``source``, for output rows ``rows``.
 
     source (B, C, h, w); filters (B, D*D, rows, 2w) for output rows ``rows`` (even bounds; default
     all 2h) -> (B, C, rows, 2w). Only the source rows the band needs are read.
     """
     if source.dim() != 4 or filters.dim() != 4:
-        raise InputError(f"upsample_filter: expected 4-D source and filters, got {tuple(source.shape)} and {tuple(filters.shape)}")
+        raise InputError(
+            f"upsample_filter: expected 4-D source and filters, got {tuple(source.shape)} and {tuple(filters.shape)}"
+        )
     diameter = filter_diameter(filters.shape[1], "upsample_filter")
     radius = diameter // 2
     h, w = source.shape[2], source.shape[3]
@@ -181,9 +184,13 @@ def upsample_filter(source: torch.Tensor, filters: torch.Tensor, rows: slice | N
     if rows.start % 2 or rows.stop % 2 or not 0 <= rows.start < rows.stop <= 2 * h:
         raise InputError(f"upsample_filter: expected even output rows within [0, {2 * h}], got {rows.start}:{rows.stop}")
     if (filters.shape[0], filters.shape[2], filters.shape[3]) != (source.shape[0], rows.stop - rows.start, 2 * w):
-        raise InputError(f"upsample_filter: filters {tuple(filters.shape)} do not match rows {rows.start}:{rows.stop} of source {tuple(source.shape)} upsampled 2x")
+        raise InputError(
+            f"upsample_filter: filters {tuple(filters.shape)} do not match rows {rows.start}:{rows.stop} "
+            f"of source {tuple(source.shape)} upsampled 2x"
+        )
     lo, width = window(radius)
-    kernel = compose_filters(filters, resample_taps(h, radius)[rows], resample_taps(w, radius), backend)  # (B, K*K, rows, 2w)
+    row_taps, col_taps = resample_taps(h, radius)[rows], resample_taps(w, radius)
+    kernel = compose_filters(filters, row_taps, col_taps, backend)  # (B, K*K, rows, 2w)
     # Source rows y // 2 + lo + [0, K) for the band's outputs y, zero outside the source.
     top, bottom = rows.start // 2 + lo, rows.stop // 2 + lo + width - 1
     band = source[:, :, max(top, 0) : min(bottom, h)]

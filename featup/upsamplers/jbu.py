@@ -129,7 +129,10 @@ class JBUStage(nn.Module):
         if (height, width) != (2 * source.shape[2], 2 * source.shape[3]):
             raise InputError(f"JBU stage: guidance {height}x{width} must be twice the source {tuple(source.shape[2:])}")
         if min(height, width) <= self.radius:
-            raise InputError(f"JBU stage: guidance {height}x{width} is too small for radius {self.radius}: expected more than {self.radius} pixels a side")
+            raise InputError(
+                f"JBU stage: guidance {height}x{width} is too small for radius {self.radius}: "
+                f"expected more than {self.radius} pixels a side"
+            )
         apply = _APPLY[resolve_method(method, source.device)]
         keys_padded = self.project_guidance(guidance)
         bands = row_bands(height, band_rows or height, self.radius)

@@ -53,7 +53,9 @@ def reference_stage(stage: JBUStage, source: torch.Tensor, guidance: torch.Tenso
     return out
 
 
-def reference_stack(stack: JBUStack, lr_feats: torch.Tensor, image: torch.Tensor, *, in_place: bool = False) -> list[torch.Tensor]:
+def reference_stack(
+    stack: JBUStack, lr_feats: torch.Tensor, image: torch.Tensor, *, in_place: bool = False
+) -> list[torch.Tensor]:
     """Published ``JBUStack.forward``: every stage's output, then the full-resolution fix-up output last."""
     outputs, feats = [], lr_feats
     for stage in stack.stages:
