@@ -2,7 +2,7 @@
 
 Same math and parameter names as the published ``JBULearnedRange`` / ``JBUStack`` (``up1``..``upN``,
 each with ``range_temp``, ``range_proj``, ``fixup_proj``, ``sigma_spatial``; a final ``fixup_proj``),
-so official checkpoints load with strict key checking. Three things make it fast:
+so official checkpoints load with strict key checking. Four things make it fast:
 
 * The per-pixel 7x7 filtering never unfolds the features (``featup.ops.adaptive_conv``).
 * The filters depend on the guidance image only, so the whole stack is one linear spatial operator
