@@ -20,7 +20,8 @@ from featup.errors import InputError
 from featup.ops.compiled import Backend, LazyCompiled
 
 
-def _diameter(taps: int, what: str) -> int:
+def filter_diameter(taps: int, what: str) -> int:
+    """D for D*D filter taps (D odd), or an InputError naming ``what``."""
     diameter = math.isqrt(taps)
     if diameter * diameter != taps or diameter % 2 == 0:
         raise InputError(f"{what}: expected an odd square number of filter taps, got {taps}")
@@ -31,7 +32,7 @@ def _check_padded(x_padded: torch.Tensor, other: torch.Tensor, taps: int, what: 
     """Validate that ``x_padded`` is ``other``'s spatial size plus a D-1 border; return D."""
     if x_padded.dim() != 4 or other.dim() != 4:
         raise InputError(f"{what}: expected 4-D tensors, got {tuple(x_padded.shape)} and {tuple(other.shape)}")
-    diameter = _diameter(taps, what)
+    diameter = filter_diameter(taps, what)
     b, _, hp, wp = x_padded.shape
     if (other.shape[0], other.shape[2] + diameter - 1, other.shape[3] + diameter - 1) != (b, hp, wp):
         raise InputError(
@@ -92,8 +93,21 @@ def _make_similarity_taps(diameter: int):
     return similarity_taps
 
 
+def _make_range_kernel(diameter: int):
+    """Softmax of the window similarities times a spatial kernel, renormalised: one fused pass when compiled."""
+    similarity_taps = _make_similarity_taps(diameter)
+
+    def range_kernel(keys_padded, queries, temperature, spatial):
+        logits = similarity_taps(keys_padded, queries)  # (B, D*D, H, W)
+        kernel = torch.softmax(temperature * logits, dim=1) * spatial
+        return kernel / kernel.sum(dim=1, keepdim=True).clamp(min=1e-7)
+
+    return range_kernel
+
+
 _ADAPTIVE_CONV = LazyCompiled(_make_accumulate_taps, _make_accumulate_taps_eager)
 _LOCAL_SIMILARITY = LazyCompiled(_make_similarity_taps)
+_RANGE_KERNEL = LazyCompiled(_make_range_kernel)
 
 
 def adaptive_conv(x_padded: torch.Tensor, filters: torch.Tensor, backend: Backend = "auto") -> torch.Tensor:
@@ -115,6 +129,18 @@ def local_similarity(keys_padded: torch.Tensor, queries: torch.Tensor, diameter:
     """Window dot products: keys (B, K, H+D-1, W+D-1), queries (B, K, H, W) -> (B, D*D, H, W)."""
     _check_padded(keys_padded, queries, diameter * diameter, "local_similarity")
     return _LOCAL_SIMILARITY(diameter, keys_padded, queries, backend=backend)
+
+
+def bilateral_kernel(
+    keys_padded: torch.Tensor, queries: torch.Tensor, temperature: torch.Tensor, spatial: torch.Tensor, backend: Backend = "auto"
+) -> torch.Tensor:
+    """``softmax(temperature * local_similarity) * spatial``, normalised over the window -> (B, D*D, H, W).
+
+    ``spatial`` (1, D*D, 1, 1) is the spatial kernel; the normaliser is clamped at 1e-7 as published.
+    """
+    diameter = math.isqrt(spatial.numel())
+    _check_padded(keys_padded, queries, diameter * diameter, "bilateral_kernel")
+    return _RANGE_KERNEL(diameter, keys_padded, queries, temperature, spatial, backend=backend)
 
 
 def adaptive_conv_unfold(x_padded: torch.Tensor, filters: torch.Tensor) -> torch.Tensor:

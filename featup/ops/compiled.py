@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import types
 from typing import Callable, Literal
 
 import torch
@@ -15,6 +16,18 @@ BACKENDS: tuple[str, ...] = ("auto", "compiled", "eager")
 KernelFactory = Callable[[int], Callable[..., torch.Tensor]]
 
 log = logging.getLogger(__name__)
+
+# Each dtype, grad mode, batch of 1 or more and input layout is its own compiled variant; dynamo's
+# default of 8 per function is soon spent in a process that trains and evaluates at several sizes.
+RECOMPILE_LIMIT = 64
+
+
+def _own_code(fn: Callable[..., torch.Tensor], diameter: int) -> Callable[..., torch.Tensor]:
+    """``fn`` with a code object of its own: dynamo counts recompilations per code object, so the
+    kernels made for different diameters by one factory would otherwise share one budget."""
+    name = f"{fn.__name__}_d{diameter}"
+    code = fn.__code__.replace(co_name=name, co_qualname=name)
+    return types.FunctionType(code, fn.__globals__, name, fn.__defaults__, fn.__closure__)
 
 
 class LazyCompiled:
@@ -34,8 +47,13 @@ class LazyCompiled:
 
     def _get_compiled(self, diameter: int) -> Callable[..., torch.Tensor]:
         if diameter not in self._compiled:
-            self._compiled[diameter] = torch.compile(self._make(diameter), dynamic=True, fullgraph=True)
+            kernel = _own_code(self._make(diameter), diameter)
+            self._compiled[diameter] = torch.compile(kernel, dynamic=True, fullgraph=True)
         return self._compiled[diameter]
+
+    def _run_compiled(self, diameter: int, *args: torch.Tensor) -> torch.Tensor:
+        with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
+            return self._get_compiled(diameter)(*args)
 
     def __call__(self, diameter: int, *args: torch.Tensor, backend: Backend = "auto") -> torch.Tensor:
         if backend not in BACKENDS:
@@ -43,9 +61,9 @@ class LazyCompiled:
         if backend == "eager" or (backend == "auto" and self.broken is not None):
             return self._make_eager(diameter)(*args)
         if backend == "compiled":
-            return self._get_compiled(diameter)(*args)
+            return self._run_compiled(diameter, *args)
         try:
-            return self._get_compiled(diameter)(*args)
+            return self._run_compiled(diameter, *args)
         except Exception as exc:  # compiler missing or broken: keep working, say so once
             self.broken = f"{type(exc).__name__}: {exc}"
             log.warning("torch.compile of %s failed (%s); using eager code", self._make.__name__, self.broken)

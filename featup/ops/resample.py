@@ -34,6 +34,25 @@ def bicubic_taps_2x() -> list[float]:
     return [_cubic((n - 3.5) / 2) for n in range(8)]
 
 
+def bicubic_sampling_2x(size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Input indices (2*size, 4) and float64 weights (2*size, 4) of each output of ``F.interpolate``'s bicubic 2x.
+
+    Output o samples the input at (o + 0.5) / 2 - 0.5 from its 4 neighbours, whose indices PyTorch
+    clamps at the borders; the weights depend only on the parity of o.
+    """
+    out = torch.arange(2 * size)
+    first = out // 2 - 2 + out % 2  # floor(o / 2 - 1 / 4) - 1
+    index = (first.view(-1, 1) + torch.arange(4)).clamp(0, size - 1)
+    phases = torch.tensor([[_cubic(1.75 - k) for k in range(4)], [_cubic(1.25 - k) for k in range(4)]], dtype=torch.float64)
+    return index, phases[out % 2]
+
+
+def bicubic_matrix_2x(size: int) -> torch.Tensor:
+    """(2*size, size) float64: row o holds the weights ``F.interpolate`` gives each input sample in output o."""
+    index, weight = bicubic_sampling_2x(size)
+    return torch.zeros(2 * size, size, dtype=torch.float64).scatter_add_(1, index, weight)
+
+
 def bicubic_upsample_2x(x: torch.Tensor) -> torch.Tensor:
     """(B, C, h, w) -> (B, C, 2h, 2w), equal to ``F.interpolate(..., scale_factor=2, mode="bicubic")``."""
     if x.device.type != "cpu":

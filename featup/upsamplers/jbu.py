@@ -2,13 +2,17 @@
 
 Same math and parameter names as the published ``JBULearnedRange`` / ``JBUStack`` (``up1``..``upN``,
 each with ``range_temp``, ``range_proj``, ``fixup_proj``, ``sigma_spatial``; a final ``fixup_proj``),
-so official checkpoints load with strict key checking. Three things make it fast:
+so official checkpoints load with strict key checking. Four things make it fast:
 
 * The per-pixel 7x7 filtering never unfolds the features (``featup.ops.adaptive_conv``).
 * The filters depend on the guidance image only, so the whole stack is one linear spatial operator
   ``L`` shared by all channels. Any channel mix commutes with it: the final ``fixup_proj`` 1x1 conv
   (and an optional caller projection such as PCA) is applied at the lowest resolution, and its bias
   is added at the end: ``out = L((I + 0.1 W) x) + 0.1 b``.
+* The bicubic 2x upsample of the source, its reflect pad and the 7x7 filter compose into one 7x7
+  filter over the source (``featup.ops.upsample_filter``), so the full-resolution upsampled map is
+  never written (method ``"composed"``, the default on CPU). Method ``"upsample"`` upsamples first
+  and filters the upsampled map; it keeps PyTorch's native bicubic, the default on other devices.
 * Each stage is computed in row bands with a halo, which bounds memory on large images; the halo
   makes banded output exactly equal to unbanded output.
 """
@@ -23,13 +27,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from featup.errors import ConfigError, InputError
-from featup.ops.adaptive_conv import adaptive_conv, local_similarity
+from featup.ops.adaptive_conv import adaptive_conv, bilateral_kernel
 from featup.ops.compiled import Backend
 from featup.ops.resample import bicubic_upsample_2x
+from featup.ops.upsample_filter import upsample_filter
 from featup.upsamplers.base import UPSAMPLERS, check_inputs, resolve_output_size
 
 # Source rows of context kept on each side of a band so bicubic resampling inside the band is exact.
 _BICUBIC_HALO = 3
+
+METHODS: tuple[str, ...] = ("auto", "composed", "upsample")
 
 
 class JBUStage(nn.Module):
@@ -88,9 +95,7 @@ class JBUStage(nn.Module):
         band_keys = keys_padded[:, :, rows.start : rows.stop + 2 * r]  # (B, K, rows+2r, W+2r)
         queries = band_keys[:, :, r:-r, r:-r]  # (B, K, rows, W)
         temperature = self.range_temp.to(self.filter_dtype).exp().clamp(1e-4, 1e4)
-        logits = local_similarity(band_keys, queries, self.diameter, backend=backend)  # (B, D*D, rows, W)
-        kernel = torch.softmax(temperature * logits, dim=1) * self.spatial_kernel()
-        kernel = kernel / kernel.sum(dim=1, keepdim=True).clamp(min=1e-7)
+        kernel = bilateral_kernel(band_keys, queries, temperature, self.spatial_kernel(), backend)  # (B, D*D, rows, W)
         band_guidance = guidance[:, :, rows].to(kernel.dtype)  # (B, 3, rows, W)
         fixup = _run_in_dtype(self.fixup_proj, torch.cat([kernel, band_guidance], dim=1))
         return torch.add(kernel, fixup, alpha=0.1)
@@ -111,26 +116,56 @@ class JBUStage(nn.Module):
         return F.pad(band, [r, r, pad_top, pad_bottom], mode="reflect")  # (B, C, rows+2r, W+2r)
 
     def forward(
-        self, source: torch.Tensor, guidance: torch.Tensor, *, band_rows: int | None = None, backend: Backend = "auto"
+        self,
+        source: torch.Tensor,
+        guidance: torch.Tensor,
+        *,
+        band_rows: int | None = None,
+        backend: Backend = "auto",
+        method: str = "auto",
     ) -> torch.Tensor:
         """Upsample ``source`` (B, C, h, w) 2x, guided by ``guidance`` (B, G, 2h, 2w) -> (B, C, 2h, 2w)."""
         height, width = guidance.shape[2], guidance.shape[3]
         if (height, width) != (2 * source.shape[2], 2 * source.shape[3]):
             raise InputError(f"JBU stage: guidance {height}x{width} must be twice the source {tuple(source.shape[2:])}")
+        if min(height, width) <= self.radius:
+            raise InputError(
+                f"JBU stage: guidance {height}x{width} is too small for radius {self.radius}: "
+                f"expected more than {self.radius} pixels a side"
+            )
+        apply = _APPLY[resolve_method(method, source.device)]
         keys_padded = self.project_guidance(guidance)
-        bands = _bands(height, band_rows or height, self.radius)
+        bands = row_bands(height, band_rows or height, self.radius)
         if len(bands) == 1:
-            return self._band(source, guidance, keys_padded, bands[0], height, backend)
+            return apply(self, source, self.filters(guidance, keys_padded, bands[0], backend), bands[0], backend)
         shape = (source.shape[0], source.shape[1], height, width)
         out = torch.empty(shape, device=source.device, dtype=source.dtype, memory_format=torch.channels_last)
         for rows in bands:
-            out[:, :, rows] = self._band(source, guidance, keys_padded, rows, height, backend)
+            out[:, :, rows] = apply(self, source, self.filters(guidance, keys_padded, rows, backend), rows, backend)
         return out
 
-    def _band(self, source, guidance, keys_padded, rows: slice, height: int, backend: Backend) -> torch.Tensor:
-        filters = self.filters(guidance, keys_padded, rows, backend)  # (B, D*D, rows, W)
-        padded = self.upsampled_source(source, rows, height)  # (B, C, rows+2r, W+2r)
-        return adaptive_conv(padded, filters.to(padded.dtype), backend=backend)
+
+def _apply_upsampled(stage: JBUStage, source: torch.Tensor, filters: torch.Tensor, rows: slice, backend: Backend) -> torch.Tensor:
+    """Upsample the band's source rows, reflect-pad them, then filter: (B, C, rows, W)."""
+    padded = stage.upsampled_source(source, rows, 2 * source.shape[2])  # (B, C, rows+2r, W+2r)
+    return adaptive_conv(padded, filters.to(padded.dtype), backend=backend)
+
+
+def _apply_composed(stage: JBUStage, source: torch.Tensor, filters: torch.Tensor, rows: slice, backend: Backend) -> torch.Tensor:
+    """Filter the source directly with the filters composed with bicubic 2x and the reflect pad: (B, C, rows, W)."""
+    return upsample_filter(source, filters, rows, backend=backend)
+
+
+_APPLY = {"composed": _apply_composed, "upsample": _apply_upsampled}
+
+
+def resolve_method(method: str, device: torch.device) -> str:
+    """``"auto"``: the composed kernel on CPU; PyTorch's native bicubic then the filter elsewhere."""
+    if method not in METHODS:
+        raise ConfigError(f"JBU method: expected one of {METHODS}, got {method!r}")
+    if method == "auto":
+        return "composed" if device.type == "cpu" else "upsample"
+    return method
 
 
 @torch.no_grad()
@@ -144,7 +179,12 @@ def _reset_conv(conv: nn.Conv2d, generator: torch.Generator | None) -> None:
 
 def _conv1x1(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """A 1x1 convolution as a matmul in ``x``'s dtype: cuBLAS keeps float32 exact, where cuDNN would use TF32."""
-    out = torch.einsum("oc,bchw->bohw", weight.reshape(weight.shape[0], -1).to(x.dtype), x)  # (B, O, H, W)
+    weight = weight.reshape(weight.shape[0], -1).to(x.dtype)  # (O, C)
+    if bias is not None and x.is_contiguous():  # NCHW: one batched matmul that starts from the bias
+        b, c, h, w = x.shape
+        start = bias.to(x.dtype).view(1, -1, 1).expand(b, -1, h * w)
+        return torch.baddbmm(start, weight.expand(b, -1, -1), x.view(b, c, h * w)).view(b, -1, h, w)
+    out = torch.einsum("oc,bchw->bohw", weight, x)  # (B, O, H, W)
     return out if bias is None else out + bias.to(x.dtype).view(1, -1, 1, 1)
 
 
@@ -155,11 +195,15 @@ def _run_in_dtype(layers: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def _bands(height: int, band_rows: int, radius: int) -> list[slice]:
-    """Split ``height`` rows into near-equal bands of at most ``band_rows`` (and at least ``radius``) rows."""
-    count = max(1, math.ceil(height / max(band_rows, radius)))
-    count = min(count, max(1, height // radius))
-    edges = [round(i * height / count) for i in range(count + 1)]
+def row_bands(height: int, band_rows: int, radius: int) -> list[slice]:
+    """Split ``height`` (even) rows into near-equal bands of at most ``band_rows`` and at least ``radius`` rows.
+
+    Band edges are even, so each band starts on the same bicubic phase as the whole map.
+    """
+    pairs, min_pairs = height // 2, max(1, math.ceil(radius / 2))
+    count = max(1, math.ceil(height / max(band_rows, radius, 2)))
+    count = min(count, max(1, pairs // min_pairs))
+    edges = [2 * round(i * pairs / count) for i in range(count + 1)]
     return [slice(a, b) for a, b in zip(edges[:-1], edges[1:])]
 
 
@@ -176,6 +220,7 @@ class JBUStack(nn.Module):
         guidance_dim: int = 3,
         max_band_pixels: int = 1 << 18,
         backend: Backend = "auto",
+        method: str = "auto",
         device=None,
         dtype=None,
     ) -> None:
@@ -184,11 +229,14 @@ class JBUStack(nn.Module):
             raise ConfigError(f"JBU num_stages: expected >= 1, got {num_stages}")
         if dim < 1:
             raise ConfigError(f"JBU dim: expected >= 1, got {dim}")
+        if method not in METHODS:
+            raise ConfigError(f"JBU method: expected one of {METHODS}, got {method!r}")
         self.dim = dim
         self.num_stages = num_stages
         self.guidance_dim = guidance_dim
         self.max_band_pixels = max_band_pixels
         self.backend = backend
+        self.method = method  # "auto", "composed" or "upsample": see the module docstring
         for i in range(1, num_stages + 1):
             self.add_module(f"up{i}", JBUStage(guidance_dim, key_dim, radius, device=device, dtype=dtype))
         self.fixup_proj = nn.Sequential(nn.Dropout2d(0.2), nn.Conv2d(dim, dim, 1, device=device, dtype=dtype))
@@ -250,7 +298,7 @@ class JBUStack(nn.Module):
         h, w = feats.shape[2] * 2, feats.shape[3] * 2
         guidance = F.adaptive_avg_pool2d(image.to(stage.filter_dtype), (h, w))  # (B, 3, 2h, 2w)
         band_rows = max(1, self.max_band_pixels // (w * feats.shape[0]))
-        return stage(feats, guidance, band_rows=band_rows, backend=self.backend)
+        return stage(feats, guidance, band_rows=band_rows, backend=self.backend, method=self.method)
 
 
 def _may_modify(x: torch.Tensor) -> bool:

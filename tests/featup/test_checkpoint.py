@@ -11,10 +11,12 @@ from featup.errors import CheckpointError, InputError
 CASES = ["jbu_c64_14x14_to_224x224", "jbu_c16_10x14_to_160x224"]
 
 
+@pytest.mark.parametrize("method", ["composed", "upsample"])
 @pytest.mark.parametrize("backend", ["eager", "compiled"])
 @pytest.mark.parametrize("case", CASES)
-def test_reproduces_published_outputs(official_fixtures, case, backend):
+def test_reproduces_published_outputs(official_fixtures, case, backend, method):
     model = load_featup_checkpoint(str(official_fixtures / f"{case}.ckpt"), backend=backend)
+    model.upsampler.method = method  # the composed kernel (CPU default) and the upsample-then-filter one
     io = torch.load(official_fixtures / f"{case}.io.pt", weights_only=True)
     with torch.inference_mode():
         normed = model.normalize(io["raw_lr_feats"])

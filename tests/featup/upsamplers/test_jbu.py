@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from featup.errors import ConfigError, InputError
-from featup.upsamplers.jbu import JBUStack
+from featup.upsamplers.jbu import JBUStack, row_bands, resolve_method
 from featup.upsamplers.reference import random_jbu_stack, reference_stack
 
 
@@ -15,11 +15,12 @@ def _pair(b=1, c=8, h=5, w=7, scale=16, seed=0):
     return torch.randn(b, c, h, w, generator=g), torch.randn(b, 3, h * scale, w * scale, generator=g)
 
 
+@pytest.mark.parametrize("method", ["composed", "upsample"])
 @pytest.mark.parametrize("backend", ["eager", "compiled"])
 @pytest.mark.parametrize("b,h,w", [(1, 6, 6), (2, 5, 7), (1, 3, 9)])
-def test_fast_stack_matches_published_math(backend, b, h, w):
+def test_fast_stack_matches_published_math(backend, method, b, h, w):
     stack = random_jbu_stack(8)
-    stack.backend = backend
+    stack.backend, stack.method = backend, method
     lr_feats, image = _pair(b, 8, h, w)
     with torch.no_grad():
         reference = reference_stack(stack, lr_feats, image)
@@ -41,14 +42,35 @@ def test_any_number_of_stages(num_stages):
     torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
 
 
-def test_banded_output_equals_unbanded():
-    stack = random_jbu_stack(6)
+@pytest.mark.parametrize("method", ["composed", "upsample"])
+def test_banded_output_equals_unbanded(method):
+    stack = random_jbu_stack(6, method=method)
     lr_feats, image = _pair(2, 6, 4, 5)
     with torch.no_grad():
         whole = stack(lr_feats, image)
-        stack.max_band_pixels = 700  # bands of a few rows at the last stages
-        banded = stack(lr_feats, image)
-    torch.testing.assert_close(banded, whole, atol=1e-6, rtol=0)
+        for band_pixels in (700, 1500, 333):  # bands of a few rows at the last stages
+            stack.max_band_pixels = band_pixels
+            torch.testing.assert_close(stack(lr_feats, image), whole, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("height,band_rows", [(64, 10), (64, 5), (14, 3), (8, 1), (6, 100), (128, 21)])
+def test_bands_are_even_and_cover_every_row(height, band_rows):
+    bands = row_bands(height, band_rows, radius=3)
+    assert bands[0].start == 0 and bands[-1].stop == height
+    assert all(a.stop == b.start for a, b in zip(bands[:-1], bands[1:]))
+    assert all(band.start % 2 == 0 and band.stop - band.start >= 3 for band in bands)
+    assert max(band.stop - band.start for band in bands) <= max(band_rows, 4) + 2
+
+
+def test_composed_and_upsample_methods_agree_and_auto_is_composed_on_cpu():
+    lr_feats, image = _pair(1, 8, 4, 6)
+    stacks = {method: random_jbu_stack(8, method=method) for method in ("auto", "composed", "upsample")}
+    with torch.no_grad():
+        outs = {method: stack(lr_feats, image) for method, stack in stacks.items()}
+    torch.testing.assert_close(outs["composed"], outs["upsample"], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(outs["auto"], outs["composed"], atol=0, rtol=0)
+    assert resolve_method("auto", torch.device("cpu")) == "composed"
+    assert resolve_method("auto", torch.device("meta")) == "upsample"
 
 
 def test_projection_before_upsampling_equals_projection_after():
@@ -83,8 +105,11 @@ def test_reduced_precision_is_close_to_float32():
             torch.testing.assert_close(got.float(), want, atol=tol, rtol=tol)
 
 
-def test_gradients_match_autograd_of_published_math():
-    stack = random_jbu_stack(4, 2).train()
+@pytest.mark.parametrize("backend", ["eager", "compiled"])
+@pytest.mark.parametrize("method", ["composed", "upsample"])
+def test_gradients_match_autograd_of_published_math(backend, method):
+    stack = random_jbu_stack(4, 2, method=method).train()
+    stack.backend = backend
     for module in stack.modules():  # dropout off: compare the deterministic math
         if isinstance(module, torch.nn.Dropout2d):
             module.p = 0.0
@@ -123,3 +148,7 @@ def test_bad_inputs_are_named():
         stack(lr_feats.expand(2, -1, -1, -1), image)
     with pytest.raises(ConfigError, match="num_stages: expected >= 1, got 0"):
         JBUStack(8, 0)
+    with pytest.raises(ConfigError, match="JBU method: expected one of"):
+        JBUStack(8, method="bicubic-magic")
+    with pytest.raises(InputError, match="too small for radius 3"):
+        stack.up1(lr_feats[:, :, :1, :1], image[:, :, :2, :2])
