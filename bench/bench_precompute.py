@@ -86,7 +86,7 @@ def model_seconds_per_image(shards: list[str], args: argparse.Namespace) -> floa
     return (time.perf_counter() - start) / len(images)
 
 
-def pipeline_seconds_per_image(root: Path, small: list[str], large: list[str], args: argparse.Namespace, label: str) -> tuple[float, float]:
+def command_times(root: Path, small: list[str], large: list[str], args: argparse.Namespace, label: str) -> tuple[float, float]:
     """(T(n), T(2n)) of the command with ``args.extra`` flags (the stores are deleted after: they are large)."""
     seconds = []
     for shards, name in ((small, "n"), (large, "2n")):
@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> None:
         for r in range(args.repeats):  # rounds interleave the variants, so a busy spell of the machine hits both
             for i, (label, extra) in enumerate(variants):
                 run_args = argparse.Namespace(**{**vars(args), "extra": extra})
-                times[label].append(pipeline_seconds_per_image(root, small, large, run_args, f"v{i}-r{r}"))
+                times[label].append(command_times(root, small, large, run_args, f"v{i}-r{r}"))
             models.append(model_seconds_per_image(small, args))
     model = statistics.median(models)
     print(f"featup precompute, {args.backbone} (random weights) + JBU, {os.cpu_count()} CPUs, median of {args.repeats} round(s)")

@@ -20,6 +20,7 @@ from typing import Any, TextIO
 from pipeline.precompute.config import PrecomputeConfig
 from pipeline.precompute.extract import Projection
 from pipeline.precompute.worker import ShardWorker
+from pipeline.precompute.writes import cpu_actor_write_threads
 
 NODE_POLL_S = 5.0  # how often --actors auto looks at the live nodes (nodes joining, nodes lost)
 CPU_DECODE_THREADS = 2  # decode threads of an actor without a GPU (the model shares the same CPUs)
@@ -81,14 +82,14 @@ def decode_threads_for(node: NodeResources, gpus_per_actor: float) -> int:
     return int(min(MAX_DECODE_THREADS, max(1, math.floor(share + 1e-9) - 1)))
 
 
-def write_threads_for(node: NodeResources, gpus_per_actor: float, cpus_per_actor: float) -> int:
+def write_threads_for(node: NodeResources, gpus_per_actor: float, cpus_per_actor: float | None) -> int:
     """Encode-and-write threads of an actor on ``node``: the CPUs that come with its GPUs (2..16), else its own CPUs.
 
     A GPU actor's model leaves the CPUs free, so encoding gets them; a CPU actor's writes share its cores with the
     model and fill the gaps torch leaves (data-parallel kernels never keep every core busy all the time).
     """
     if gpus_per_actor <= 0 or node.gpus <= 0:
-        return max(1, int(cpus_per_actor))
+        return cpu_actor_write_threads(cpus_per_actor)
     share = node.cpus * min(gpus_per_actor, node.gpus) / node.gpus
     return int(min(MAX_DECODE_THREADS, max(2, math.floor(share + 1e-9))))
 
@@ -128,7 +129,7 @@ class NodeWorker(ShardWorker):
         if config.decode_threads is None:
             config = replace(config, decode_threads=decode_threads_for(node, gpus))
         if config.write_threads is None:
-            config = replace(config, write_threads=write_threads_for(node, gpus, config.cpus_per_actor or 1.0))
+            config = replace(config, write_threads=write_threads_for(node, gpus, config.cpus_per_actor))
         super().__init__(config, projection=projection, torch_threads=torch_threads, run_id=run_id)
         self.node = node
 

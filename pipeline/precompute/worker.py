@@ -22,7 +22,7 @@ import torch
 from pipeline.precompute.config import PrecomputeConfig
 from pipeline.precompute.extract import FeatureExtractor, Projection
 from pipeline.precompute.report import OTHER_REASONS
-from pipeline.precompute.writes import RowWriter
+from pipeline.precompute.writes import RowWriter, cpu_actor_write_threads
 from pipeline.runtime.models import quiet_cpu_only_warnings
 from pipeline.runtime.retry import TransientIOError, is_transient
 
@@ -85,7 +85,7 @@ class ShardWorker:
         if torch_threads is not None:
             torch.set_num_threads(torch_threads)
         if config.write_threads is None:  # outside a pool (tests, in-process use): the actor's CPUs
-            config = replace(config, write_threads=max(1, int(config.cpus_per_actor or 1)))
+            config = replace(config, write_threads=cpu_actor_write_threads(config.cpus_per_actor))
         self.config = config
         self.extractor = FeatureExtractor(config, projection=projection)
         self.spec = decode_spec(config, self.extractor)

@@ -16,6 +16,11 @@ import numpy as np
 MAX_BATCHES_IN_FLIGHT = 1  # batches still being written while the model runs: bounds the feature memory held
 
 
+def cpu_actor_write_threads(cpus_per_actor: float | None) -> int:
+    """Writer threads of an actor whose model runs on its CPUs: one per CPU it holds (at least one)."""
+    return max(1, int(cpus_per_actor or 1))
+
+
 class RowWriter:
     """Writes batches of rows into ``store``: on ``threads`` background threads, or in the caller's thread with 0.
 
