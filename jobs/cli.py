@@ -45,7 +45,10 @@ def build_parser(subcommands: dict[str, str] | None = None) -> argparse.Argument
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Parses ``argv`` and runs the subcommand; FeatUpErrors become one ``featup: error:`` line and exit code 2."""
+    from pipeline.runtime.storage import quiet_abandoned_request_errors
+
     parser = build_parser()
+    quiet_abandoned_request_errors()
     try:
         args = parser.parse_args(argv)
     except SystemExit as e:  # --help, --version and usage errors: argparse has printed what to say

@@ -25,6 +25,7 @@ from pipeline.precompute.report import OTHER_REASONS
 from pipeline.precompute.writes import RowWriter, cpu_actor_write_threads
 from pipeline.runtime.models import quiet_cpu_only_warnings
 from pipeline.runtime.retry import TransientIOError, is_transient
+from pipeline.runtime.storage import quiet_abandoned_request_errors
 
 MAX_REASONS = 50  # distinct error reasons a result carries; more are counted under OTHER_REASONS
 _DONE = object()
@@ -82,6 +83,7 @@ class ShardWorker:
         from pipeline.precompute.plan import decode_spec
 
         quiet_cpu_only_warnings()
+        quiet_abandoned_request_errors()
         if torch_threads is not None:
             torch.set_num_threads(torch_threads)
         if config.write_threads is None:  # outside a pool (tests, in-process use): the actor's CPUs

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import uuid
 from dataclasses import dataclass, field
@@ -90,3 +91,35 @@ def write_temp(path: str, data: bytes) -> str:
         f.flush()
         os.fsync(f.fileno())
     return tmp
+
+
+class _AbandonedRequestFilter(logging.Filter):
+    """Drops asyncio's "exception was never retrieved" reports for connection errors of aiohttp's own helper tasks.
+
+    When an object store drops connections, aiohttp leaves a body-writing task per failed request whose exception
+    nobody awaits; the request itself already failed and went through the retry budget, which reports it once.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if "exception was never retrieved" not in str(record.msg) or not record.exc_info:
+            return True
+        error = record.exc_info[1]
+        return not isinstance(error, (ConnectionError, _client_error_types()))
+
+
+def _client_error_types() -> tuple[type[BaseException], ...]:
+    try:
+        import aiohttp
+    except ImportError:  # no HTTP object-store client installed: nothing of its to quiet
+        return ()
+    return (aiohttp.ClientError,)
+
+
+_ABANDONED_REQUEST_FILTER = _AbandonedRequestFilter()
+
+
+def quiet_abandoned_request_errors() -> None:
+    """Installs the filter above on asyncio's logger, once per process (each actor and the driver call it)."""
+    logger = logging.getLogger("asyncio")
+    if _ABANDONED_REQUEST_FILTER not in logger.filters:
+        logger.addFilter(_ABANDONED_REQUEST_FILTER)
