@@ -25,6 +25,7 @@ from pipeline.precompute.writes import cpu_actor_write_threads
 NODE_POLL_S = 5.0  # how often --actors auto looks at the live nodes (nodes joining, nodes lost)
 CPU_DECODE_THREADS = 2  # decode threads of an actor without a GPU (the model shares the same CPUs)
 MAX_DECODE_THREADS = 16
+MAX_WRITE_THREADS = 16
 MAX_START_FAILURES = 3  # actors whose constructor raised, before the job gives up (a bad model setting, say)
 WAITING_NOTICE_S = 30.0  # how often the driver says it is waiting for actors to be placed
 
@@ -71,6 +72,11 @@ def _fit(node: NodeResources, num_cpus: float, num_gpus: float) -> int:
     return min(counts) if counts else 0
 
 
+def _cpus_with_gpus(node: NodeResources, gpus_per_actor: float) -> int:
+    """The node's CPUs that come with an actor's share of its GPUs (whole CPUs)."""
+    return math.floor(node.cpus * min(gpus_per_actor, node.gpus) / node.gpus + 1e-9)
+
+
 def decode_threads_for(node: NodeResources, gpus_per_actor: float) -> int:
     """Decode threads of an actor on ``node``: its share of the node's CPUs less one that feeds the GPU (1..16).
 
@@ -78,20 +84,18 @@ def decode_threads_for(node: NodeResources, gpus_per_actor: float) -> int:
     """
     if gpus_per_actor <= 0 or node.gpus <= 0:
         return CPU_DECODE_THREADS
-    share = node.cpus * min(gpus_per_actor, node.gpus) / node.gpus  # the CPUs that come with this actor's GPUs
-    return int(min(MAX_DECODE_THREADS, max(1, math.floor(share + 1e-9) - 1)))
+    return int(min(MAX_DECODE_THREADS, max(1, _cpus_with_gpus(node, gpus_per_actor) - 1)))
 
 
 def write_threads_for(node: NodeResources, gpus_per_actor: float, cpus_per_actor: float | None) -> int:
     """Encode-and-write threads of an actor on ``node``: the CPUs that come with its GPUs (2..16), else its own CPUs.
 
-    A GPU actor's model leaves the CPUs free, so encoding gets them; a CPU actor's writes share its cores with the
-    model and fill the gaps torch leaves (data-parallel kernels never keep every core busy all the time).
+    A GPU actor's model leaves those CPUs free for encoding; a CPU actor's writer threads share its cores with the
+    model (``--write-threads 0`` writes in the model's thread instead).
     """
     if gpus_per_actor <= 0 or node.gpus <= 0:
         return cpu_actor_write_threads(cpus_per_actor)
-    share = node.cpus * min(gpus_per_actor, node.gpus) / node.gpus
-    return int(min(MAX_DECODE_THREADS, max(2, math.floor(share + 1e-9))))
+    return int(min(MAX_WRITE_THREADS, max(2, _cpus_with_gpus(node, gpus_per_actor))))
 
 
 def this_node() -> NodeResources:
