@@ -108,6 +108,7 @@ def model_costs(shards: list[str], root: Path, args: argparse.Namespace, written
     for batch in batches:
         extractor(batch)
     model = (time.perf_counter() - start) / len(images)
+    written = min(written, len(images))
     store = FeatureStore.create(config.output, num_rows=written, arrays=plan.arrays, attrs={}, codec=config.storage_codec)
     outputs = extractor(torch.stack(images[:written]))  # {name: (written, ...)}, as the job hands to its writer
     start = time.process_time()
