@@ -44,12 +44,24 @@ class TransientIOError(FeatUpError):
 
     exit_code = 1  # the job failed (not a usage error): the CLI exits 1
 
-    def __init__(self, operation: str, target: str, cause: BaseException, budget_s: float) -> None:
-        self.operation, self.target, self.cause = operation, target, cause
+    def __init__(self, operation: str, target: str, cause: BaseException | None, budget_s: float) -> None:
+        self.operation, self.target, self.cause, self.budget_s = operation, target, cause, budget_s
         super().__init__(
             f"{operation} {target}: storage unavailable for {budget_s:g} s ({describe(cause)}); "
             "rerun the same command to resume"
         )
+
+    def __reduce__(self):
+        """Pickles as its message (an actor raises it, the driver reads it): the cause object itself may not pickle."""
+        return (_rebuild_transient_io_error, (self.operation, self.target, str(self), self.budget_s))
+
+
+def _rebuild_transient_io_error(operation: str, target: str, message: str, budget_s: float) -> TransientIOError:
+    """A TransientIOError unpickled in another process: the same message and fields, without the cause object."""
+    error = TransientIOError.__new__(TransientIOError)
+    error.operation, error.target, error.cause, error.budget_s = operation, target, None, budget_s
+    Exception.__init__(error, message)
+    return error
 
 
 @dataclass(frozen=True)

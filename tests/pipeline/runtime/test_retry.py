@@ -1,6 +1,7 @@
 """Transient storage faults are retried within the budget; content errors are never retried."""
 
 import errno
+import pickle
 
 import pytest
 
@@ -67,3 +68,22 @@ def test_a_spent_budget_raises_one_clear_error_and_content_errors_pass_through_a
     with pytest.raises(FileNotFoundError):
         RetryPolicy(budget_s=5).call("read", "s3://b/x", missing)
     assert missing.calls == 1
+
+
+class _Unpicklable(ConnectionError):
+    """A cause that cannot cross a process boundary (its constructor needs an argument pickle does not keep)."""
+
+    def __init__(self, host: str, detail: str) -> None:
+        super().__init__(f"{host}: {detail}")
+
+
+def test_a_spent_budget_error_crosses_processes_with_its_message_whatever_its_cause():
+    # An actor raises it and the driver unpickles it (Ray); an unpicklable cause once turned it into Ray's
+    # "Failed to deserialize exception" traceback instead of the one-line error.
+    error = TransientIOError("read", "shard s3://b/x.tar", _Unpicklable("127.0.0.1", "connection refused"), 2)
+    with pytest.raises(TypeError):
+        pickle.loads(pickle.dumps(error.cause))
+    again = pickle.loads(pickle.dumps(error))
+    assert type(again) is TransientIOError and str(again) == str(error)
+    assert "storage unavailable for 2 s" in str(again) and "rerun the same command to resume" in str(again)
+    assert (again.operation, again.target, again.budget_s, again.cause) == ("read", "shard s3://b/x.tar", 2, None)
