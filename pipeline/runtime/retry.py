@@ -44,7 +44,7 @@ class TransientIOError(FeatUpError):
 
     exit_code = 1  # the job failed (not a usage error): the CLI exits 1
 
-    def __init__(self, operation: str, target: str, cause: BaseException | None, budget_s: float) -> None:
+    def __init__(self, operation: str, target: str, cause: BaseException, budget_s: float) -> None:
         self.operation, self.target, self.cause, self.budget_s = operation, target, cause, budget_s
         super().__init__(
             f"{operation} {target}: storage unavailable for {budget_s:g} s ({describe(cause)}); "

