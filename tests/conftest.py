@@ -11,7 +11,15 @@ from tests.helpers import s3
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "featup-official"
+SHARED_FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures"
+FIXTURES = SHARED_FIXTURES / "featup-official"
+
+
+def shared_fixture_dir(name: str) -> Path:
+    """``../shared/fixtures/<name>-official``: a published upsampler's reference outputs (read-only)."""
+    path = SHARED_FIXTURES / f"{name}-official"
+    assert path.is_dir(), f"reference fixtures missing at {path}"
+    return path
 
 
 @pytest.fixture(scope="session")

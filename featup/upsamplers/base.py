@@ -7,15 +7,57 @@ Every upsampler maps low-resolution features (B, C, h, w) and the normalised gui
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 from torch import nn
 
-from featup.errors import InputError
+from featup.errors import ConfigError, InputError
 from featup.registry import Registry
 
 UPSAMPLERS: Registry[nn.Module] = Registry("upsampler")
+
+
+@dataclass(frozen=True)
+class ImageNorm:
+    """The per-channel normalisation an upsampler's ``forward`` expects of its guidance image: ``(rgb01 - mean) / std``.
+
+    Each upsampler class declares its own as ``image_norm`` (as its published code feeds it), so the pipeline can
+    hand it the image so normalised whatever the backbone's normalisation is.
+    """
+
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+    def __post_init__(self) -> None:
+        if len(self.mean) != 3 or len(self.std) != 3:
+            raise ConfigError(f"ImageNorm: expected 3 means and 3 stds, got {self.mean!r} and {self.std!r}")
+        if min(self.std) <= 0:
+            raise ConfigError(f"ImageNorm: expected positive stds, got {self.std!r}")
+
+    def _stats(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        mean = torch.tensor(self.mean, device=like.device, dtype=like.dtype).view(1, 3, 1, 1)
+        std = torch.tensor(self.std, device=like.device, dtype=like.dtype).view(1, 3, 1, 1)
+        return mean, std
+
+    def normalize(self, rgb01: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) RGB in [0, 1] -> the normalised image."""
+        mean, std = self._stats(rgb01)
+        return (rgb01 - mean) / std
+
+    def denormalize(self, image: torch.Tensor) -> torch.Tensor:
+        """The normalised image -> (B, 3, H, W) RGB in [0, 1]."""
+        mean, std = self._stats(image)
+        return image * std + mean
+
+    def convert(self, image: torch.Tensor, source: "ImageNorm") -> torch.Tensor:
+        """``image`` normalised by ``source`` -> normalised by this one (unchanged when they are equal)."""
+        return image if source == self else self.normalize(source.denormalize(image))
+
+
+IMAGENET_NORM = ImageNorm((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+UNIT_NORM = ImageNorm((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))  # plain RGB in [0, 1]
 
 
 def build_upsampler(name: str, dim: int, *, num_stages: int = 4, device=None, dtype=None, **kwargs) -> nn.Module:

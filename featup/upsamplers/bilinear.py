@@ -8,11 +8,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from featup.upsamplers.base import UPSAMPLERS, check_inputs, resolve_output_size
+from featup.upsamplers.base import IMAGENET_NORM, UPSAMPLERS, check_inputs, resolve_output_size
 
 
 class BilinearUpsampler(nn.Module):
     """Ignores the guidance image and resizes the features bilinearly to the output size."""
+
+    image_norm = IMAGENET_NORM  # unused: the image only gives the default output size
 
     def __init__(self, dim: int | None = None) -> None:
         super().__init__()

@@ -31,7 +31,7 @@ from featup.ops.adaptive_conv import adaptive_conv, bilateral_kernel
 from featup.ops.compiled import Backend
 from featup.ops.resample import bicubic_upsample_2x
 from featup.ops.upsample_filter import upsample_filter
-from featup.upsamplers.base import UPSAMPLERS, check_inputs, resolve_output_size
+from featup.upsamplers.base import IMAGENET_NORM, UPSAMPLERS, check_inputs, resolve_output_size
 
 # Source rows of context kept on each side of a band so bicubic resampling inside the band is exact.
 _BICUBIC_HALO = 3
@@ -209,6 +209,8 @@ def row_bands(height: int, band_rows: int, radius: int) -> list[slice]:
 
 class JBUStack(nn.Module):
     """``num_stages`` 2x JBU stages and a final residual 1x1 ``fixup_proj`` (published ``JBUStack``)."""
+
+    image_norm = IMAGENET_NORM  # the published FeatUp code guides with the backbone's ImageNet-normalised image
 
     def __init__(
         self,
