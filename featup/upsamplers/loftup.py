@@ -280,10 +280,13 @@ class LoftUp(nn.Module):
     ) -> torch.Tensor:
         """Upsample (B, C, h, w) features guided by the ImageNet-normalised (B, 3, H, W) image -> (B, C, H', W').
 
-        ``output_size`` defaults to the image size; another size resizes the guidance image to it.
+        ``output_size`` defaults to the image size; another size resizes the guidance image to it. Computed in the
+        parameters' dtype; the output has ``lr_feats``' dtype.
         """
         check_inputs(lr_feats, image, dim=self.dim)
         height, width = resolve_output_size(image, output_size)
+        out_dtype, dtype = lr_feats.dtype, self.layers[0].attn.in_proj_weight.dtype
+        lr_feats, image = lr_feats.to(dtype), image.to(dtype)
         colours = minmax_scale(_resize_guidance(image, (height, width)))  # (B, 3, H', W')
         tokens = self.tokens(lr_feats)  # (B, N, E)
         kvs = [layer.keys_values(tokens) for layer in self.layers]
@@ -298,7 +301,7 @@ class LoftUp(nn.Module):
                 part = self.decode(q[:, start : start + chunk], kvs)  # (B, n, C)
                 offset = r0 * width + start
                 out[:, :, offset : offset + part.shape[1]] = part.transpose(1, 2)
-        return out.view(b, self.dim, height, width)
+        return out.view(b, self.dim, height, width).to(out_dtype)
 
 
 def _check_config(
