@@ -161,6 +161,7 @@ class Slot:
     ref: Any = None
     progress_ref: Any = None
     progress: int = 0
+    compiling: bool = False  # its kernels are being compiled in the background (its last status() answer)
 
 
 class ActorPool:

@@ -104,6 +104,12 @@ class ShardWorker:
         """Samples done so far in the shard being computed, fractional during implicit fits (polled for the progress bar)."""
         return self._done_in_shard + self.extractor.image_progress
 
+    def status(self) -> tuple[float, bool]:
+        """(``progress()``, whether kernels are being compiled in the background): polled for the progress bar."""
+        from featup.ops.compiled import compiling
+
+        return self.progress(), compiling()
+
     def store(self):
         """The store, opened on first use inside this process (zarr and s3fs clients do not survive fork or pickling)."""
         if self._store is None:
