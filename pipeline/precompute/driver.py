@@ -48,6 +48,7 @@ def run_precompute(
     The end of the run goes to ``out``: a short summary, or with ``json_output`` the whole report (as in ``report.json``).
     """
     out, err = out or sys.stdout, err or sys.stderr
+    check_local_devices(config)  # before the shards are scanned and Ray starts
     config = config.with_machine_resources(_machine_cpus())  # resolved once, passed down to the actors
     plan = make_plan(config, command_line)
     if config.dry_run:
@@ -276,7 +277,8 @@ class Driver:
         actor.update({"shards": 1, "samples": result.num_samples, "busy_s": result.wall_s})
 
     def _postfix(self) -> str:
-        return precompute_postfix(self.total.shards, self.todo_shards, self._errors())
+        compiling = self.pool is not None and any(s.compiling for s in self.pool.busy())
+        return precompute_postfix(self.total.shards, self.todo_shards, self._errors(), compiling)
 
     def _check_some_succeeded(self) -> None:
         """A finished job in which no sample of the store succeeded has failed, whatever --max-errors allows."""
@@ -306,10 +308,11 @@ class Driver:
                 if not ready:
                     continue
                 try:
-                    slot.progress = min(float(ray.get(ready[0])), slot.task.shard.num_samples)  # fractional: implicit fits
+                    progress, slot.compiling = ray.get(ready[0])
+                    slot.progress = min(float(progress), slot.task.shard.num_samples)  # fractional: implicit fits
                 except Exception:  # the actor died: its shard's result says so
                     pass
-            slot.progress_ref = slot.actor.progress.remote()
+            slot.progress_ref = slot.actor.status.remote()
 
     def _actors_report(self) -> dict:
         """Actors wanted, started and lost, each actor's throughput and node, and the work done per node."""
@@ -359,6 +362,18 @@ class Driver:
             "time_split_s": {k: round(v, 3) for k, v in t.times.items()},
             "time_split_fraction": {k: round(t.times[k] / busy, 4) for k in ("read_wait", "model", "write")} if busy else {},
         }
+
+
+def check_local_devices(config: PrecomputeConfig) -> None:
+    """A local run's CUDA request on a machine without a usable GPU is a ConfigError at once (a cluster is not checked:
+    its GPU nodes may differ from the driver's machine)."""
+    if config.address is not None:
+        return
+    wants_cuda = config.device.startswith("cuda") or (config.gpus_per_actor or 0) > 0
+    if wants_cuda:
+        from featup.devices import resolve_device
+
+        resolve_device(config.device if config.device.startswith("cuda") else "cuda")
 
 
 def _machine_cpus() -> int:

@@ -7,6 +7,8 @@ import os
 from contextlib import contextmanager
 from typing import Iterator
 
+RAY_AUTH_MODE_ENV = "RAY_AUTH_MODE"
+
 
 @contextmanager
 def ray_session(address: str | None, num_cpus: int | None = None) -> Iterator[None]:
@@ -23,6 +25,9 @@ def ray_session(address: str | None, num_cpus: int | None = None) -> Iterator[No
     if address:
         ray.init(address=address, logging_level=logging.WARNING)
     else:
+        # Token authentication stays on (Ray's default for a new local instance), but chosen explicitly, so Ray does not
+        # print its notice about the default in the middle of the progress output for an instance nobody else reaches.
+        os.environ.setdefault(RAY_AUTH_MODE_ENV, "token")
         cpus = max(os.cpu_count() or 1, num_cpus or 0)
         ray.init(address="local", num_cpus=cpus, include_dashboard=False, logging_level=logging.WARNING)
     try:
