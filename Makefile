@@ -11,7 +11,7 @@ LOCK_TOOLS := $(VENV)/lock-tools
 PIP_TOOLS := pip-tools==7.6.2
 LOCK_OPTS := --all-extras --strip-extras --allow-unsafe --no-emit-index-url --no-emit-find-links --output-file=$(CONSTRAINTS)
 
-.PHONY: demo test bench lock clean
+.PHONY: demo test coverage bench lock clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,12 @@ demo: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(BIN)/python -m pytest
+
+# Line coverage of featup/, pipeline/ and jobs/, CLI subprocesses and Ray workers included (pyproject's [tool.coverage]):
+# a summary on screen and an HTML report in coverage-html/.
+coverage: $(VENV)/.installed
+	rm -rf .coverage .coverage.* coverage-html
+	$(BIN)/python -m pytest --cov --cov-report=term:skip-covered --cov-report=html:coverage-html
 
 bench: $(VENV)/.installed
 	$(BIN)/python bench/bench_jbu.py
@@ -48,4 +54,4 @@ lock:
 		$(LOCK_TOOLS)/bin/pip-compile --quiet $(LOCK_OPTS) $(LOCK_ARGS) pyproject.toml
 
 clean:
-	rm -rf $(VENV) $(DEMO_OUT) .pytest_cache
+	rm -rf $(VENV) $(DEMO_OUT) .pytest_cache .coverage .coverage.* coverage-html

@@ -11,7 +11,7 @@ import textwrap
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, NamedTuple
 
 import numpy as np
 
@@ -57,26 +57,38 @@ def write_tiny_module(folder: Path) -> Path:
     return folder
 
 
+class RayEnv(NamedTuple):
+    """The test run's one local Ray: where its workers import the tiny module from, and the slow flag they watch."""
+
+    modules: Path
+    flag: Path
+
+
 @contextmanager
-def local_ray(module_dir: Path, slow_flag: Path) -> Iterator[None]:
-    """A 2-CPU local Ray whose workers can import the tiny module and see the slow flag (set in their environment)."""
+def local_ray(root: Path) -> Iterator[RayEnv]:
+    """A 2-CPU local Ray whose workers can import the tiny module (written under ``root``) and see the slow flag.
+
+    The whole test run shares one (the ``ray_env`` session fixture): starting Ray and its worker pool costs seconds.
+    """
     import ray
 
+    ray_env = RayEnv(write_tiny_module(root / "mods"), root / "slow.flag")
     env = {
-        "PYTHONPATH": os.pathsep.join(filter(None, [str(module_dir), os.environ.get("PYTHONPATH")])),
-        SLOW_FLAG_ENV: str(slow_flag),
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(ray_env.modules), os.environ.get("PYTHONPATH")])),
+        SLOW_FLAG_ENV: str(ray_env.flag),
         "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0",
         "HF_HUB_OFFLINE": "1",
+        "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "token"),  # chosen explicitly: no notice on every start
     }
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
-    sys.path.insert(0, str(module_dir))
+    sys.path.insert(0, str(ray_env.modules))
     ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING")  # never another job's Ray
     try:
-        yield
+        yield ray_env
     finally:
         ray.shutdown()
-        sys.path.remove(str(module_dir))
+        sys.path.remove(str(ray_env.modules))
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)

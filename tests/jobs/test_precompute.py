@@ -20,14 +20,11 @@ TINY = ["--backbone", helpers.TINY_BACKBONE, "--weights", "random", "--image-siz
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    """One local Ray for the module, the tiny backbone module, the slow flag path and four good shards."""
+def env(tmp_path_factory, ray_env):
+    """The run's local Ray, the tiny backbone module, the slow flag path and four good shards."""
     root = tmp_path_factory.mktemp("precompute-cli")
-    modules = helpers.write_tiny_module(root / "mods")
-    flag = root / "slow.flag"
     corpus.make_good_shards(root / "in", n_shards=4, per_shard=5)
-    with helpers.local_ray(modules, flag):
-        yield {"root": root, "flag": flag, "modules": modules, "pattern": str(root / "in" / "shard-{000000..000003}.tar")}
+    return {"root": root, "flag": ray_env.flag, "modules": ray_env.modules, "pattern": str(root / "in" / "shard-{000000..000003}.tar")}
 
 
 def _cli(*args):
@@ -92,6 +89,7 @@ def test_driver_killed_mid_run_then_the_rerun_finishes_it(env, tmp_path, capsys)
     helpers.reference_store(reference)
 
     child_env = {**os.environ, "PYTHONPATH": str(env["modules"]), helpers.SLOW_FLAG_ENV: str(env["flag"]), "HF_HUB_OFFLINE": "1"}
+    child_env.pop("RAY_AUTH_MODE", None)  # as a user's shell has it: the job's embedded Ray must not print its notice
     env["flag"].touch()
     log = tmp_path / "driver.log"
     with open(log, "wb") as log_file:  # a file, not a pipe: a full pipe would block the driver
@@ -113,6 +111,7 @@ def test_driver_killed_mid_run_then_the_rerun_finishes_it(env, tmp_path, capsys)
             env["flag"].unlink()
         committed = len(list((out / "_featup" / "commits").glob("shard-*.json")))
         assert 1 <= committed < 4
+        assert "Token authentication" not in log.read_text()  # Ray's notices stay in its own log files
 
         assert _cli(*args) == 0  # the rerun takes over the dead driver's lock and computes the rest
         err = capsys.readouterr().err
@@ -191,3 +190,19 @@ def test_a_run_from_a_published_name_equals_the_published_math(env, tmp_path):
             expected = reference_stack(ckpt.upsampler, ckpt.normalize(model(image)), image)[-1][0]  # (384, 112, 112)
         got = reader[i]["features"]
         assert float((got - expected).abs().max()) <= 1e-4 * float(expected.abs().max()), i
+
+
+def test_cuda_on_a_machine_without_one_is_refused_before_ray_starts(env, tmp_path):
+    """``--device cuda`` where torch sees no GPU: one clear line, exit 2, and no Ray was ever started (its temp folder,
+    which every Ray start fills, stays empty)."""
+    ray_tmp = tmp_path / "ray-tmp"
+    ray_tmp.mkdir()
+    child_env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "RAY_TMPDIR": str(ray_tmp), "PYTHONPATH": str(env["modules"])}
+    done = subprocess.run(
+        [sys.executable, "-m", "jobs.cli", "precompute", env["pattern"], "--output", str(tmp_path / "out.zarr"), *TINY,
+         "--device", "cuda"], env=child_env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr[-2000:]
+    lines = done.stderr.strip().splitlines()
+    assert lines == ["featup: error: device: expected an available device, got 'cuda' but CUDA is not available"], lines
+    assert not list(ray_tmp.iterdir())
+    assert not (tmp_path / "out.zarr").exists()

@@ -37,10 +37,9 @@ def env(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def ray_env(env):
-    """A local 2-CPU Ray for the module (workers import the tiny module)."""
-    with helpers.local_ray(env["modules"], env["flag"]):
-        yield env
+def ray_env(env, ray_env):
+    """The module's files with the run's local Ray (workers import the tiny module from its own folder)."""
+    return {**env, "modules": ray_env.modules, "flag": ray_env.flag}
 
 
 def _child(env, *args, log: Path) -> subprocess.Popen:

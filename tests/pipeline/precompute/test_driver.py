@@ -20,14 +20,11 @@ N_SHARDS, PER_SHARD = 4, 5
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    """One local Ray for the module, the tiny backbone module, the slow flag path and four good shards."""
+def env(tmp_path_factory, ray_env):
+    """The run's local Ray, the tiny backbone module, the slow flag path and four good shards."""
     root = tmp_path_factory.mktemp("scheduler")
-    modules = helpers.write_tiny_module(root / "mods")
-    flag = root / "slow.flag"
     shards = corpus.make_good_shards(root / "in", n_shards=N_SHARDS, per_shard=PER_SHARD)
-    with helpers.local_ray(modules, flag):
-        yield {"root": root, "flag": flag, "shards": shards}
+    return {"root": root, "flag": ray_env.flag, "shards": shards}
 
 
 @pytest.fixture(scope="module")

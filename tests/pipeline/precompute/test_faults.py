@@ -29,12 +29,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.a
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
+def env(tmp_path_factory, ray_env):
+    """The run's local Ray, the tiny backbone module and the slow flag path."""
     root = tmp_path_factory.mktemp("faults")
-    modules = helpers.write_tiny_module(root / "mods")
-    flag = root / "slow.flag"
-    with helpers.local_ray(modules, flag):
-        yield {"root": root, "flag": flag, "modules": modules}
+    return {"root": root, "flag": ray_env.flag, "modules": ray_env.modules}
 
 
 @pytest.fixture

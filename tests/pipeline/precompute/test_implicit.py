@@ -23,13 +23,11 @@ FIT = ImplicitFitConfig(steps=5, n_views=8, pca_views=8, max_pad=4, n_freqs=8, h
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    """One local Ray for the module, the tiny backbone module and two shards of three samples."""
+def env(tmp_path_factory, ray_env):
+    """The run's local Ray, the tiny backbone module and two shards of three samples."""
     root = tmp_path_factory.mktemp("implicit")
-    modules = helpers.write_tiny_module(root / "mods")
     shards = corpus.make_good_shards(root / "in", n_shards=2, per_shard=3)
-    with helpers.local_ray(modules, root / "slow.flag"):
-        yield {"root": root, "shards": shards}
+    return {"root": root, "shards": shards}
 
 
 def _config(env, name: str, **overrides):
