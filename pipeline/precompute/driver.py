@@ -26,6 +26,7 @@ from pipeline.runtime.retry import TransientIOError
 from pipeline.precompute.pool import MAX_START_FAILURES, ActorPool, Slot, first_line
 from pipeline.precompute.config import PrecomputeConfig
 from pipeline.precompute.extract import Projection
+from pipeline.precompute.inputs import check_inputs, write_inputs
 from pipeline.precompute.plan import COMPAT_KEYS, Plan, plan_keys, estimate_bytes, fit_projection, format_plan, make_plan
 from pipeline.runtime.progress import ProgressBar, precompute_postfix
 from pipeline.runtime.ray_session import ray_session
@@ -51,7 +52,7 @@ def run_precompute(
     config = config.with_machine_resources(_machine_cpus())  # resolved once, passed down to the actors
     plan = make_plan(config, command_line)
     if config.dry_run:
-        print(format_plan(plan, estimate_bytes(plan), _existing_commits(plan)), file=out)
+        print(format_plan(plan, estimate_bytes(plan), _existing_commits(plan, err)), file=out)
         return EXIT_OK
     if config.upsampler == "implicit":  # slow by nature: say so before the progress bar starts
         from pipeline.precompute.plan import implicit_notice
@@ -72,6 +73,11 @@ def run_precompute(
         reasons = summarize_reasons(report["samples"]["error_reasons"])
         print(f"featup: error: {report['failure']}" + (f"; most common reasons:\n{reasons}" if reasons else ""), file=err)
     return EXIT_OK if report["status"] == "complete" else EXIT_FAILED
+
+
+def _warn(warning: str | None, err: TextIO) -> None:
+    if warning:
+        print(warning, file=err)
 
 
 def _write_report(store, report: dict, err: TextIO) -> None:
@@ -103,6 +109,7 @@ def open_store(plan: Plan, run_id: str, err: TextIO):
         store = FeatureStore.open(c.output, options, retry=c.retry)
         store.acquire_lock(run_id, heartbeat_s=HEARTBEAT_S)  # refuses while another job runs, before anything is read or written
         try:
+            _warn(check_inputs(store, plan.shards), err)  # the shards the store was made from, by content, first
             check_compatible(store.attrs, plan.attrs, COMPAT_KEYS)
         except Exception:
             store.release_lock()
@@ -122,10 +129,11 @@ def open_store(plan: Plan, run_id: str, err: TextIO):
         keys=plan_keys(plan), retry=c.retry, codec=c.storage_codec,
     )
     store.acquire_lock(run_id, heartbeat_s=HEARTBEAT_S)
+    write_inputs(store, plan.shards)
     return store, set(), projection, True
 
 
-def _existing_commits(plan: Plan) -> set[int] | None:
+def _existing_commits(plan: Plan, err: TextIO) -> set[int] | None:
     """For a dry run: the committed shards of a compatible existing store (None when there is none or it is replaced)."""
     from pipeline.store.features import FeatureStore, check_compatible
 
@@ -134,6 +142,7 @@ def _existing_commits(plan: Plan) -> set[int] | None:
     if c.overwrite or not FeatureStore.exists(c.output, options, retry=c.retry):
         return None
     store = FeatureStore.open(c.output, options, mode="r", retry=c.retry)
+    _warn(check_inputs(store, plan.shards), err)
     check_compatible(store.attrs, plan.attrs, COMPAT_KEYS)
     return store.committed_shards()
 

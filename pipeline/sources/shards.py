@@ -50,6 +50,8 @@ class ShardInfo:
     # (position in ``keys``, reason) of each entry the read yields with "__error__": damaged tar regions (their own
     # "<damaged bytes A-B>" keys, or the damaged member's key) and samples with a repeated extension.
     flagged: tuple[tuple[int, str], ...] = ()
+    # size and ETag (object stores) or size and modification time (files) of the object scanned: what a resume checks
+    identity: dict = field(default_factory=dict, compare=False)
 
 
 def expand_inputs(
@@ -124,7 +126,7 @@ def scan_shard(url: str, index: int, storage_options: dict | None = None, retry:
     keys = tuple(s["__key__"] for s in samples)
     flagged = tuple((i, s["__error__"]) for i, s in enumerate(samples) if "__error__" in s)
     return ShardInfo(url=url, index=index, num_samples=len(keys), keys=keys, error=grouper.truncated, options=options,
-                     flagged=flagged)
+                     flagged=flagged, identity=raw.identity or {})
 
 
 def scan_shards(

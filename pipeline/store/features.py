@@ -44,6 +44,7 @@ ROW_DIM = "sample"
 KEY_CHUNK = 1 << 16  # sample keys per chunk of the ``sample`` coordinate (written once, at creation)
 RESERVED_NAMES = ("index", "commits", "report.json", "lock.json", "zarr.json", KEYS_ARRAY, SIDE_GROUP)
 _COMMIT_NAME = re.compile(r"^shard-(\d+)\.json$")
+INPUTS_NAME = "index/inputs.json"  # the shards a store is made from, with their content identity
 
 
 @dataclass(frozen=True)
@@ -253,13 +254,25 @@ class FeatureStore:
 
     def read_report(self) -> dict | None:
         """The last run report, or None when no run has finished writing one."""
-        def read() -> dict | None:
-            try:
-                return json.loads(self.fs.cat_file(self._path("report.json")))
-            except FileNotFoundError:
-                return None
+        return self._call("read the run report of", self.url, self._read_json, "report.json", writing=False)
 
-        return self._call("read the run report of", self.url, read, writing=False)
+    def write_inputs(self, inputs: dict) -> None:
+        """Records the shards the store is made from (``pipeline.precompute.inputs``), beside the index files."""
+        self._require_writable()
+        _check_json("input list", inputs)
+        path = self._path(INPUTS_NAME)
+        self._call("write the input list", path, put_atomic, self.fs, path, _json_bytes(inputs))
+
+    def read_inputs(self) -> dict | None:
+        """The shards the store was made from as ``write_inputs`` recorded them, or None (older stores have none)."""
+        return self._call("read the input list of", self.url, self._read_json, INPUTS_NAME, writing=False)
+
+    def _read_json(self, name: str) -> dict | None:
+        """The side file ``name`` parsed, or None when it does not exist."""
+        try:
+            return json.loads(self.fs.cat_file(self._path(name)))
+        except FileNotFoundError:
+            return None
 
     def acquire_lock(self, run_id: str, stale_after_s: float = MIN_STALE_S, *, heartbeat_s: float = HEARTBEAT_S) -> dict | None:
         """Takes the lock for ``run_id``, refusing while another run's is live; returns the stale lock it took over, if any.
