@@ -27,6 +27,7 @@ from pipeline.runtime.retry import RetryPolicy, is_transient
 from pipeline.runtime.storage import put_atomic
 from pipeline.store.access import retry_policy, store_call
 from pipeline.store.codecs import ZSTD_LEVEL, StorageCodec
+from pipeline.store.integrity import StrictStore
 from pipeline.store.index import check_index_table, concat_index_tables, empty_index_table
 from pipeline.store.layout import (KEYS_ARRAY, LAYOUTS, SIDE_GROUP, STORE_FORMAT, Layout, create_side_group, layout_for,
                                    refuse_resume)
@@ -96,9 +97,12 @@ class FeatureStore:
 
     @classmethod
     def open(cls, url: str, storage_options: dict | None = None, mode: str = "r+", *,
-             retry: RetryPolicy | None = None) -> FeatureStore:
+             retry: RetryPolicy | None = None, strict: bool = False) -> FeatureStore:
         """Opens an existing store for reading (``"r"``, any known format) or for writing rows and commits (``"r+"``,
-        this version's format only: an older store is refused with what to do instead)."""
+        this version's format only: an older store is refused with what to do instead).
+
+        ``strict``: a missing object of a row array raises ``integrity.MissingObjectError`` instead of reading as zeros
+        (for readers of ``ok`` rows of committed shards, whose objects are always written)."""
         if mode not in ("r", "r+"):
             raise ConfigError(f"store mode: expected 'r' or 'r+', got {mode!r}")
         retry = retry_policy(retry)
@@ -111,7 +115,9 @@ class FeatureStore:
         layout = layout_for(store_format, url)
         if writing and layout.format != STORE_FORMAT:
             raise ConfigError(refuse_resume(url, store_format))
-        group = store_call(retry, "open the store at", url, _open_group, url, fs, root, storage_options, mode, writing=writing)
+        strict_arrays = meta["attributes"]["featup_store"].get("arrays", []) if strict else None
+        group = store_call(retry, "open the store at", url, _open_group, url, fs, root, storage_options, mode,
+                           strict_arrays, writing=writing)
         return cls(url, fs, root, group, storage_options, mode, retry, layout)
 
     @staticmethod
@@ -205,6 +211,12 @@ class FeatureStore:
         marker = {"shard_index": shard_index, "num_samples": table.num_rows, "ok": table.num_rows - errors, "errors": errors,
                   "index_file": self.layout.index_name(shard_index), "committed_at": datetime.now(timezone.utc).isoformat()}
         self._call(f"commit shard {shard_index}: write", marker_path, put_atomic, self.fs, marker_path, _json_bytes(marker))
+
+    def uncommit_shard(self, shard_index: int) -> None:
+        """Deletes a shard's commit marker, so a run computes it again (its old index file is replaced at the commit)."""
+        self._require_writable()
+        path = self._path(self.layout.commit_name(shard_index))
+        self._call(f"un-commit shard {shard_index}: delete", path, _remove, self.fs, path)
 
     def committed_shards(self) -> set[int]:
         """Indexes of the shards whose commit marker exists."""
@@ -412,8 +424,10 @@ def _create_group(url: str, fs: fsspec.AbstractFileSystem, root: str, storage_op
     return group
 
 
-def _open_group(url: str, fs: fsspec.AbstractFileSystem, root: str, storage_options: dict | None, mode: str) -> zarr.Group:
-    return zarr.open_group(_zarr_store(url, fs, root, storage_options, read_only=mode == "r"), mode=mode)
+def _open_group(url: str, fs: fsspec.AbstractFileSystem, root: str, storage_options: dict | None, mode: str,
+                strict_arrays: Sequence[str] | None = None) -> zarr.Group:
+    store = _zarr_store(url, fs, root, storage_options, read_only=mode == "r")
+    return zarr.open_group(store if strict_arrays is None else StrictStore(store, strict_arrays), mode=mode)
 
 
 def _resolve(url: str, storage_options: dict | None) -> tuple[fsspec.AbstractFileSystem, str]:
