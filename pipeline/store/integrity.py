@@ -8,8 +8,10 @@ requests on the normal path:
 - reading: ``StrictStore`` wraps the store a reader opens and raises ``MissingObjectError`` where zarr would have
   filled in a missing object; the reader (which serves ``ok`` rows of committed shards only) turns it into a
   ``LostRowError`` naming the store, array and row;
-- checking: ``find_lost_rows`` lists each array's objects (one listing per array, no request per row) and names every
-  ``ok`` row of a committed shard whose object is not among them: ``featup inspect --verify`` and a resumed job use it.
+- checking: ``find_lost_rows`` lists each array's objects (one listing per array, the arrays in parallel; no request
+  per row) and names every ``ok`` row of a committed shard whose object is not among them: ``featup inspect --verify``
+  and a resumed job use it. Measured locally: 20,000 objects in about 2 s on the loaded 2-core machine; on S3 a
+  listing returns 1,000 keys per request.
 
 Failed rows are left out: a first attempt never writes them (they read as zeros, and the index says they failed).
 """
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
@@ -131,12 +134,15 @@ def find_lost_rows(store: FeatureStore, index: Any | None = None) -> list[LostRo
     ok = index.filter(pc.equal(index["status"], "ok"))
     rows, samples, shards = ok["row"].to_pylist(), ok["key"].to_pylist(), ok["shard"].to_pylist()
     where = {row: (sample, shard) for row, sample, shard in zip(rows, samples, shards)}
+    names = store.array_names
+    with ThreadPoolExecutor(max(1, len(names)), thread_name_prefix="list-objects") as pool:  # the listings overlap
+        listed = pool.map(lambda name: store_call(store.retry, "list the objects of", f"{store.url}/{name}", stored_keys,
+                                                  store, name, writing=False), names)
+        present = dict(zip(names, listed))
     lost = []
-    for name in store.array_names:
+    for name in names:
         expected = row_object_keys(store.array(name), name, rows)
-        present = store_call(store.retry, "list the objects of", f"{store.url}/{name}", stored_keys, store, name,
-                             writing=False)
-        lost.extend(LostRow(name, row, *where[row], key) for key, row in expected.items() if key not in present)
+        lost.extend(LostRow(name, row, *where[row], key) for key, row in expected.items() if key not in present[name])
     return sorted(lost, key=lambda r: (r.row, r.array))
 
 
