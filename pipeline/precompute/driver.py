@@ -27,7 +27,7 @@ from pipeline.precompute.pool import MAX_START_FAILURES, ActorPool, Slot, first_
 from pipeline.precompute.config import PrecomputeConfig
 from pipeline.precompute.extract import Projection
 from pipeline.precompute.inputs import check_inputs, write_inputs
-from pipeline.precompute.repair import lost_row_shards, lost_text, redo_lost_rows
+from pipeline.precompute.repair import committed_to_skip, redo_lost_rows
 from pipeline.precompute.plan import COMPAT_KEYS, Plan, plan_keys, estimate_bytes, fit_projection, format_plan, make_plan
 from pipeline.runtime.progress import ProgressBar, precompute_postfix
 from pipeline.runtime.ray_session import ray_session
@@ -64,8 +64,8 @@ def run_precompute(
     try:
         with LockHeartbeat(store) as heartbeat:
             committed, redone = redo_lost_rows(store, plan, committed, err)
-            driver = Driver(plan, store, committed, projection, clean=clean, run_id=run_id, err=err, heartbeat=heartbeat)
-            driver.redone = redone
+            driver = Driver(plan, store, committed, projection, clean=clean, run_id=run_id, err=err, heartbeat=heartbeat,
+                            redone=redone)
             with ray_session(config.address, _local_cpus(config)) if driver.queue else nullcontext():
                 report = driver.run()
             _write_report(store, report, err)
@@ -147,12 +147,7 @@ def _existing_commits(plan: Plan, err: TextIO) -> set[int] | None:
     store = FeatureStore.open(c.output, options, mode="r", retry=c.retry)
     _warn(check_inputs(store, plan.shards), err)
     check_compatible(store.attrs, plan.attrs, COMPAT_KEYS)
-    committed = store.committed_shards()
-    damaged, lost = lost_row_shards(store, plan, committed)
-    if damaged:
-        print(f"featup: warning: store {c.output}: {lost_text(plan, damaged, lost)}; a run computes those shards again",
-              file=err)
-    return committed - damaged
+    return committed_to_skip(store, plan, store.committed_shards(), err)
 
 
 @dataclass
@@ -175,7 +170,7 @@ class Driver:
 
     def __init__(
         self, plan: Plan, store, committed: set[int], projection: Projection | None, *, clean: bool, run_id: str, err: TextIO,
-        heartbeat: LockHeartbeat | None = None,
+        heartbeat: LockHeartbeat | None = None, redone: Sequence[str] = (),
     ) -> None:
         self.plan, self.store, self.projection, self.run_id, self.err = plan, store, projection, run_id, err
         self.heartbeat = heartbeat
@@ -193,7 +188,7 @@ class Driver:
         self.todo_shards = len(self.queue)
         self.progress = ProgressBar(self.todo_samples, desc="precompute", unit="img", stream=err)
         self.pool: ActorPool | None = None
-        self.redone: list[str] = []  # committed shards computed again because rows of theirs lost their objects
+        self.redone = list(redone)  # committed shards computed again because rows of theirs lost their objects
 
     def run(self) -> dict:
         """Computes every queued shard (or stops on the error limit or a fatal failure) and returns the report."""

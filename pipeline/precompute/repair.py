@@ -16,7 +16,7 @@ from pipeline.store.integrity import find_lost_rows, summarize_lost
 MAX_NAMED = 5  # shards named in the warning
 
 
-def redo_lost_rows(store, plan: Any, committed: set[int], err: TextIO) -> tuple[set[int], list[str]]:
+def redo_lost_rows(store: Any, plan: Any, committed: set[int], err: TextIO) -> tuple[set[int], list[str]]:
     """(committed shards to skip, URLs of shards to compute again): a committed shard with a lost row (an ``ok`` row
     whose stored object is missing, which would read as zeros) is un-committed, under this run's lock, and redone.
 
@@ -31,7 +31,16 @@ def redo_lost_rows(store, plan: Any, committed: set[int], err: TextIO) -> tuple[
     return committed - damaged, [plan.shards[i].url for i in sorted(damaged)]
 
 
-def lost_row_shards(store, plan: Any, committed: set[int]) -> tuple[set[int], list]:
+def committed_to_skip(store: Any, plan: Any, committed: set[int], err: TextIO) -> set[int]:
+    """For a dry run: the committed shards a run would skip (those with a lost row it would compute again, said so)."""
+    damaged, lost = lost_row_shards(store, plan, committed)
+    if damaged:
+        print(f"featup: warning: store {plan.config.output}: {lost_text(plan, damaged, lost)}; a run computes those "
+              "shards again", file=err)
+    return committed - damaged
+
+
+def lost_row_shards(store: Any, plan: Any, committed: set[int]) -> tuple[set[int], list]:
     """The committed shards holding a lost row, and the lost rows (one listing per array; nothing when none committed)."""
     if not committed:
         return set(), []
