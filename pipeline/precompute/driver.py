@@ -26,6 +26,8 @@ from pipeline.runtime.retry import TransientIOError
 from pipeline.precompute.pool import MAX_START_FAILURES, ActorPool, Slot, first_line
 from pipeline.precompute.config import PrecomputeConfig
 from pipeline.precompute.extract import Projection
+from pipeline.precompute.inputs import check_inputs, write_inputs
+from pipeline.precompute.repair import committed_to_skip, redo_lost_rows
 from pipeline.precompute.plan import COMPAT_KEYS, Plan, plan_keys, estimate_bytes, fit_projection, format_plan, make_plan
 from pipeline.runtime.progress import ProgressBar, precompute_postfix
 from pipeline.runtime.ray_session import ray_session
@@ -52,7 +54,7 @@ def run_precompute(
     config = config.with_machine_resources(_machine_cpus())  # resolved once, passed down to the actors
     plan = make_plan(config, command_line)
     if config.dry_run:
-        print(format_plan(plan, estimate_bytes(plan), _existing_commits(plan)), file=out)
+        print(format_plan(plan, estimate_bytes(plan), _existing_commits(plan, err)), file=out)
         return EXIT_OK
     if config.upsampler == "implicit":  # slow by nature: say so before the progress bar starts
         from pipeline.precompute.plan import implicit_notice
@@ -62,7 +64,9 @@ def run_precompute(
     store, committed, projection, clean = open_store(plan, run_id, err)
     try:
         with LockHeartbeat(store) as heartbeat:
-            driver = Driver(plan, store, committed, projection, clean=clean, run_id=run_id, err=err, heartbeat=heartbeat)
+            committed, redone = redo_lost_rows(store, plan, committed, err)
+            driver = Driver(plan, store, committed, projection, clean=clean, run_id=run_id, err=err, heartbeat=heartbeat,
+                            redone=redone)
             with ray_session(config.address, _local_cpus(config)) if driver.queue else nullcontext():
                 report = driver.run()
             _write_report(store, report, err)
@@ -73,6 +77,11 @@ def run_precompute(
         reasons = summarize_reasons(report["samples"]["error_reasons"])
         print(f"featup: error: {report['failure']}" + (f"; most common reasons:\n{reasons}" if reasons else ""), file=err)
     return EXIT_OK if report["status"] == "complete" else EXIT_FAILED
+
+
+def _warn(warning: str | None, err: TextIO) -> None:
+    if warning:
+        print(warning, file=err)
 
 
 def _write_report(store, report: dict, err: TextIO) -> None:
@@ -104,6 +113,7 @@ def open_store(plan: Plan, run_id: str, err: TextIO):
         store = FeatureStore.open(c.output, options, retry=c.retry)
         store.acquire_lock(run_id, heartbeat_s=HEARTBEAT_S)  # refuses while another job runs, before anything is read or written
         try:
+            _warn(check_inputs(store, plan.shards), err)  # the shards the store was made from, by content, first
             check_compatible(store.attrs, plan.attrs, COMPAT_KEYS)
         except Exception:
             store.release_lock()
@@ -123,10 +133,11 @@ def open_store(plan: Plan, run_id: str, err: TextIO):
         keys=plan_keys(plan), retry=c.retry, codec=c.storage_codec,
     )
     store.acquire_lock(run_id, heartbeat_s=HEARTBEAT_S)
+    write_inputs(store, plan.shards)
     return store, set(), projection, True
 
 
-def _existing_commits(plan: Plan) -> set[int] | None:
+def _existing_commits(plan: Plan, err: TextIO) -> set[int] | None:
     """For a dry run: the committed shards of a compatible existing store (None when there is none or it is replaced)."""
     from pipeline.store.features import FeatureStore, check_compatible
 
@@ -135,8 +146,9 @@ def _existing_commits(plan: Plan) -> set[int] | None:
     if c.overwrite or not FeatureStore.exists(c.output, options, retry=c.retry):
         return None
     store = FeatureStore.open(c.output, options, mode="r", retry=c.retry)
+    _warn(check_inputs(store, plan.shards), err)
     check_compatible(store.attrs, plan.attrs, COMPAT_KEYS)
-    return store.committed_shards()
+    return committed_to_skip(store, plan, store.committed_shards(), err)
 
 
 @dataclass
@@ -159,7 +171,7 @@ class Driver:
 
     def __init__(
         self, plan: Plan, store, committed: set[int], projection: Projection | None, *, clean: bool, run_id: str, err: TextIO,
-        heartbeat: LockHeartbeat | None = None,
+        heartbeat: LockHeartbeat | None = None, redone: Sequence[str] = (),
     ) -> None:
         self.plan, self.store, self.projection, self.run_id, self.err = plan, store, projection, run_id, err
         self.heartbeat = heartbeat
@@ -177,6 +189,7 @@ class Driver:
         self.todo_shards = len(self.queue)
         self.progress = ProgressBar(self.todo_samples, desc="precompute", unit="img", stream=err)
         self.pool: ActorPool | None = None
+        self.redone = list(redone)  # committed shards computed again because rows of theirs lost their objects
 
     def run(self) -> dict:
         """Computes every queued shard (or stops on the error limit or a fatal failure) and returns the report."""
@@ -346,6 +359,7 @@ class Driver:
                 "computed": t.shards,
                 "retries": t.retries,
                 "read_errors": t.shard_errors,
+                "redone_for_lost_rows": self.redone,
             },
             "samples": {
                 "total": plan.num_rows,

@@ -27,6 +27,7 @@ from pipeline.runtime.retry import RetryPolicy, is_transient
 from pipeline.runtime.storage import put_atomic
 from pipeline.store.access import retry_policy, store_call
 from pipeline.store.codecs import ZSTD_LEVEL, StorageCodec
+from pipeline.store.integrity import StrictStore
 from pipeline.store.index import check_index_table, concat_index_tables, empty_index_table
 from pipeline.store.layout import (KEYS_ARRAY, LAYOUTS, SIDE_GROUP, STORE_FORMAT, Layout, create_side_group, layout_for,
                                    refuse_resume)
@@ -44,6 +45,7 @@ ROW_DIM = "sample"
 KEY_CHUNK = 1 << 16  # sample keys per chunk of the ``sample`` coordinate (written once, at creation)
 RESERVED_NAMES = ("index", "commits", "report.json", "lock.json", "zarr.json", KEYS_ARRAY, SIDE_GROUP)
 _COMMIT_NAME = re.compile(r"^shard-(\d+)\.json$")
+INPUTS_NAME = "index/inputs.json"  # the shards a store is made from, with their content identity
 
 
 @dataclass(frozen=True)
@@ -95,9 +97,12 @@ class FeatureStore:
 
     @classmethod
     def open(cls, url: str, storage_options: dict | None = None, mode: str = "r+", *,
-             retry: RetryPolicy | None = None) -> FeatureStore:
+             retry: RetryPolicy | None = None, strict: bool = False) -> FeatureStore:
         """Opens an existing store for reading (``"r"``, any known format) or for writing rows and commits (``"r+"``,
-        this version's format only: an older store is refused with what to do instead)."""
+        this version's format only: an older store is refused with what to do instead).
+
+        ``strict``: a missing object of a row array raises ``integrity.MissingObjectError`` instead of reading as zeros
+        (for readers of ``ok`` rows of committed shards, whose objects are always written)."""
         if mode not in ("r", "r+"):
             raise ConfigError(f"store mode: expected 'r' or 'r+', got {mode!r}")
         retry = retry_policy(retry)
@@ -110,7 +115,9 @@ class FeatureStore:
         layout = layout_for(store_format, url)
         if writing and layout.format != STORE_FORMAT:
             raise ConfigError(refuse_resume(url, store_format))
-        group = store_call(retry, "open the store at", url, _open_group, url, fs, root, storage_options, mode, writing=writing)
+        strict_arrays = meta["attributes"]["featup_store"].get("arrays", []) if strict else None
+        group = store_call(retry, "open the store at", url, _open_group, url, fs, root, storage_options, mode,
+                           strict_arrays, writing=writing)
         return cls(url, fs, root, group, storage_options, mode, retry, layout)
 
     @staticmethod
@@ -205,6 +212,12 @@ class FeatureStore:
                   "index_file": self.layout.index_name(shard_index), "committed_at": datetime.now(timezone.utc).isoformat()}
         self._call(f"commit shard {shard_index}: write", marker_path, put_atomic, self.fs, marker_path, _json_bytes(marker))
 
+    def uncommit_shard(self, shard_index: int) -> None:
+        """Deletes a shard's commit marker, so a run computes it again (its old index file is replaced at the commit)."""
+        self._require_writable()
+        path = self._path(self.layout.commit_name(shard_index))
+        self._call(f"un-commit shard {shard_index}: delete", path, _remove, self.fs, path)
+
     def committed_shards(self) -> set[int]:
         """Indexes of the shards whose commit marker exists."""
         return self._call("list the commit markers of", self.url, self._list_commits, writing=False)
@@ -253,13 +266,25 @@ class FeatureStore:
 
     def read_report(self) -> dict | None:
         """The last run report, or None when no run has finished writing one."""
-        def read() -> dict | None:
-            try:
-                return json.loads(self.fs.cat_file(self._path("report.json")))
-            except FileNotFoundError:
-                return None
+        return self._call("read the run report of", self.url, self._read_json, "report.json", writing=False)
 
-        return self._call("read the run report of", self.url, read, writing=False)
+    def write_inputs(self, inputs: dict) -> None:
+        """Records the shards the store is made from (``pipeline.precompute.inputs``), beside the index files."""
+        self._require_writable()
+        _check_json("input list", inputs)
+        path = self._path(INPUTS_NAME)
+        self._call("write the input list", path, put_atomic, self.fs, path, _json_bytes(inputs))
+
+    def read_inputs(self) -> dict | None:
+        """The shards the store was made from as ``write_inputs`` recorded them, or None (older stores have none)."""
+        return self._call("read the input list of", self.url, self._read_json, INPUTS_NAME, writing=False)
+
+    def _read_json(self, name: str) -> dict | None:
+        """The side file ``name`` parsed, or None when it does not exist."""
+        try:
+            return json.loads(self.fs.cat_file(self._path(name)))
+        except FileNotFoundError:
+            return None
 
     def acquire_lock(self, run_id: str, stale_after_s: float = MIN_STALE_S, *, heartbeat_s: float = HEARTBEAT_S) -> dict | None:
         """Takes the lock for ``run_id``, refusing while another run's is live; returns the stale lock it took over, if any.
@@ -399,8 +424,10 @@ def _create_group(url: str, fs: fsspec.AbstractFileSystem, root: str, storage_op
     return group
 
 
-def _open_group(url: str, fs: fsspec.AbstractFileSystem, root: str, storage_options: dict | None, mode: str) -> zarr.Group:
-    return zarr.open_group(_zarr_store(url, fs, root, storage_options, read_only=mode == "r"), mode=mode)
+def _open_group(url: str, fs: fsspec.AbstractFileSystem, root: str, storage_options: dict | None, mode: str,
+                strict_arrays: Sequence[str] | None = None) -> zarr.Group:
+    store = _zarr_store(url, fs, root, storage_options, read_only=mode == "r")
+    return zarr.open_group(store if strict_arrays is None else StrictStore(store, strict_arrays), mode=mode)
 
 
 def _resolve(url: str, storage_options: dict | None) -> tuple[fsspec.AbstractFileSystem, str]:

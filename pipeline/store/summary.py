@@ -4,20 +4,24 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from dataclasses import asdict
 from typing import Any
 
 import pyarrow.compute as pc
 
 from pipeline.runtime.progress import human_bytes
 from pipeline.store.features import FeatureStore
+from pipeline.store.integrity import RECOMPUTE_HINT, LostRow, find_lost_rows
 
 TOP_REASONS = 5
 
 
-def store_summary(url: str, storage_options: dict | None = None) -> dict[str, Any]:
-    """A JSON-ready summary of the store at ``url``: arrays, sample and shard counts, failure reasons, report, provenance."""
+def store_summary(url: str, storage_options: dict | None = None, verify: bool = False) -> dict[str, Any]:
+    """A JSON-ready summary of the store at ``url``: arrays, sample and shard counts, failure reasons, report, provenance;
+    with ``verify``, every ``ok`` row of a committed shard whose stored object is missing (``lost_rows``)."""
     store = FeatureStore.open(url, storage_options, mode="r")
     index = store.read_index()
+    checked = _verify(store, index) if verify else {}
     statuses = Counter(index["status"].to_pylist())
     failed = index.filter(pc.equal(index["status"], "error"))
     attrs = store.attrs
@@ -31,8 +35,16 @@ def store_summary(url: str, storage_options: dict | None = None) -> dict[str, An
         "failure_reasons": Counter(failed["error"].to_pylist()).most_common(TOP_REASONS),
         "shards": {"committed": len(store.committed_shards()), "total": attrs.get("num_shards")},
         "report": _report_summary(report),
+        **checked,
         "provenance": attrs,
     }
+
+
+def _verify(store: FeatureStore, index: Any) -> dict[str, Any]:
+    """The rows checked (``ok`` rows of committed shards, every array) and those whose stored object is missing."""
+    lost = find_lost_rows(store, index)
+    return {"verified_rows": int(pc.sum(pc.equal(index["status"], "ok")).as_py() or 0),
+            "lost_rows": [asdict(r) for r in lost]}
 
 
 def _array_summary(name: str, array: Any) -> dict[str, Any]:
@@ -84,9 +96,24 @@ def format_summary(summary: dict[str, Any]) -> str:
         speed = f", {report['images_per_s']} images/s" if report.get("images_per_s") is not None else ""
         lines.append(f"last run: {report['status']} in {report['wall_s']} s{speed}"
                      + (f" ({report['failure']})" if report.get("failure") else ""))
+    if "lost_rows" in summary:
+        lines.extend(_verify_lines(summary))
     lines.append("provenance:")
     lines.extend(f"  {key:<18} {_show_value(key, value)}" for key, value in summary["provenance"].items())
     return "\n".join(lines)
+
+
+def _verify_lines(summary: dict[str, Any]) -> list[str]:
+    """Every lost row, one per line, and what to do; or that every checked row's objects are there."""
+    lost, checked = summary["lost_rows"], summary["verified_rows"]
+    if not lost:
+        return [f"verify: the stored objects of all {checked} ok rows of committed shards are there"]
+    rows = len({r["row"] for r in lost})
+    lines = [f"verify: {rows} of {checked} ok rows of committed shards have lost stored objects (they would read as "
+             "zeros through plain zarr; the reader refuses them):"]
+    lines.extend(f"  {LostRow(**r).describe()}" for r in lost)
+    lines.append(f"  {RECOMPUTE_HINT}")
+    return lines
 
 
 def _show_value(key: str, value: Any) -> str:

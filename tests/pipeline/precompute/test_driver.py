@@ -93,6 +93,27 @@ def test_rerun_computes_only_uncommitted_shards(env, reference, tmp_path):
     helpers.assert_same_store(reference, config.output, same_urls=True)
 
 
+def test_a_rerun_computes_again_the_shards_whose_committed_rows_lost_their_objects(env, reference, tmp_path):
+    config = helpers.tiny_config(env["shards"], tmp_path / "lost.zarr")
+    helpers.reference_store(config)
+    store = FeatureStore.open(config.output)
+    markers = {i: store.fs.cat_file(f"{store.root}/_featup/commits/shard-{i:06d}.json") for i in (0, 2, 3)}
+    for name, row in (("features", PER_SHARD + 1), ("lowres", PER_SHARD + 3)):  # two rows of shard 1 lose an object
+        store.fs.rm_file(f"{store.root}/{name}/c/{row}/0/0/0")
+    out, err = io.StringIO(), io.StringIO()
+    assert run_precompute(helpers.tiny_config(env["shards"], config.output, dry_run=True), out=out, err=err) == 0
+    assert "3 shards committed, 1 to compute" in out.getvalue() and "a run computes those shards again" in err.getvalue()
+
+    code, report, err = _run(config)
+    assert code == 0, err
+    assert (f"2 ok rows of 1 committed shards ({env['shards'][1]}) lost their stored objects and would read as zeros "
+            f"(features row {PER_SHARD + 1} (sample s0001-00001); lowres row {PER_SHARD + 3} (sample s0001-00003)); "
+            "those shards are computed again") in err
+    assert report["shards"]["redone_for_lost_rows"] == [env["shards"][1]] and report["shards"]["computed"] == 1
+    assert {i: store.fs.cat_file(f"{store.root}/_featup/commits/shard-{i:06d}.json") for i in (0, 2, 3)} == markers
+    helpers.assert_same_store(reference, config.output, same_urls=True)
+
+
 def test_actor_killed_mid_shard_is_replaced_and_the_store_equals_a_clean_run(env, reference, tmp_path):
     config = helpers.tiny_config(env["shards"], tmp_path / "killed.zarr", actors=2, batch_size=2)
     env["flag"].touch()
