@@ -33,10 +33,10 @@ test: $(VENV)/.installed
 
 # --strict: a broken link, a missing page or an API reference that does not resolve fails the build (the test suite runs it too).
 docs: $(VENV)/.installed
-	$(BIN)/mkdocs build --strict
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
 
 docs-serve: $(VENV)/.installed
-	$(BIN)/mkdocs serve
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs serve
 
 bench: $(VENV)/.installed
 	$(BIN)/python bench/bench_jbu.py

@@ -70,6 +70,7 @@ def docs_folder(tmp_path_factory) -> Path:
     return folder
 
 
+@pytest.mark.filterwarnings("ignore:This DataLoader will create")  # the README's num_workers=4, on 2 cores
 @pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(doc_helpers.ROOT)))
 def test_the_examples_of_the_page_run(page, docs_folder, monkeypatch, one_torch_thread):
     from jobs.cli import main
