@@ -137,7 +137,7 @@ def _variant(args: tuple[torch.Tensor, ...]) -> tuple:
     return (
         torch.is_inference_mode_enabled(), torch.is_grad_enabled(),
         tuple((a.device.type, a.dtype, tuple(s == 1 for s in a.shape),
-               a.is_contiguous(memory_format=torch.channels_last), a.requires_grad)
+               a.is_contiguous(memory_format=torch.channels_last), a.requires_grad, a.is_inference())
               if isinstance(a, torch.Tensor) else type(a) for a in args),
     )
 

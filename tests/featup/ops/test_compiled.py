@@ -45,9 +45,9 @@ def _inputs():
 
 def test_inference_runs_eager_at_once_then_compiled_once_built(auto_kernels):
     kernel = LazyCompiled(_make_kernel)
-    x, y = _inputs()
-    want = _make_kernel(3)(x, y)
-    with torch.inference_mode():
+    with torch.inference_mode():  # as in a precompute job: the tensors are made under inference mode too
+        x, y = _inputs()
+        want = _make_kernel(3)(x, y)
         first = kernel(3, x, y)
         assert not kernel._ready and compiled.compiling()  # answered by the eager kernel; the compile is under way
         compiled.wait_for_compiles(120)
