@@ -29,6 +29,7 @@ from pipeline.precompute.extract import Projection
 from pipeline.precompute.plan import COMPAT_KEYS, Plan, plan_keys, estimate_bytes, fit_projection, format_plan, make_plan
 from pipeline.runtime.progress import ProgressBar, precompute_postfix
 from pipeline.runtime.ray_session import ray_session
+from pipeline.runtime.secrets import mask_json
 from pipeline.precompute.heartbeat import HEARTBEAT_S, LockHeartbeat
 from pipeline.precompute.report import format_run_summary, summarize_reasons
 from pipeline.precompute.worker import ShardResult, ShardTask
@@ -328,7 +329,7 @@ class Driver:
         t, plan = self.total, self.plan
         reasons = self.previous[1] + t.reasons
         busy = sum(t.times[k] for k in ("read_wait", "model", "write"))
-        return {
+        return mask_json({  # URLs may carry credentials (pre-signed, user:password@): report.json is shared
             "status": "complete" if self.failure is None else "failed",
             "failure": self.failure,
             "run_id": self.run_id,
@@ -358,7 +359,7 @@ class Driver:
             "actors": self._actors_report(),
             "time_split_s": {k: round(v, 3) for k, v in t.times.items()},
             "time_split_fraction": {k: round(t.times[k] / busy, 4) for k in ("read_wait", "model", "write")} if busy else {},
-        }
+        })
 
 
 def _machine_cpus() -> int:

@@ -9,6 +9,7 @@ from typing import Any
 import pyarrow.compute as pc
 
 from pipeline.runtime.progress import human_bytes
+from pipeline.runtime.secrets import mask_json
 from pipeline.store.features import FeatureStore
 
 TOP_REASONS = 5
@@ -22,7 +23,7 @@ def store_summary(url: str, storage_options: dict | None = None) -> dict[str, An
     failed = index.filter(pc.equal(index["status"], "error"))
     attrs = store.attrs
     report = store.read_report()
-    return {
+    return mask_json({  # a store written before masking may still hold credentials in its command line
         "url": url,
         "arrays": [_array_summary(name, store.array(name)) for name in store.array_names],
         "rows": store.num_rows,
@@ -32,7 +33,7 @@ def store_summary(url: str, storage_options: dict | None = None) -> dict[str, An
         "shards": {"committed": len(store.committed_shards()), "total": attrs.get("num_shards")},
         "report": _report_summary(report),
         "provenance": attrs,
-    }
+    })
 
 
 def _array_summary(name: str, array: Any) -> dict[str, Any]:
