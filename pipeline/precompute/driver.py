@@ -49,6 +49,7 @@ def run_precompute(
     The end of the run goes to ``out``: a short summary, or with ``json_output`` the whole report (as in ``report.json``).
     """
     out, err = out or sys.stdout, err or sys.stderr
+    preflight(config)
     config = config.with_machine_resources(_machine_cpus())  # resolved once, passed down to the actors
     plan = make_plan(config, command_line)
     if config.dry_run:
@@ -73,6 +74,17 @@ def run_precompute(
         reasons = summarize_reasons(report["samples"]["error_reasons"])
         print(f"featup: error: {report['failure']}" + (f"; most common reasons:\n{reasons}" if reasons else ""), file=err)
     return EXIT_OK if report["status"] == "complete" else EXIT_FAILED
+
+
+def preflight(config: PrecomputeConfig) -> None:
+    """Before any work: the output can be created (or, for a dry run, read), and the inputs' and a checkpoint URL's
+    storage answers; credentials, buckets and permissions that cannot work are refused in one line each."""
+    from pipeline.runtime import preflight as checks
+
+    checks.check_output(config.output_location, config.retry, write=not config.dry_run)
+    checks.check_inputs(config.inputs, config.storage_options, config.retry)
+    if config.checkpoint_location is not None and "://" in config.checkpoint_location.url:
+        checks.check_readable(config.checkpoint_location, config.retry, what="--checkpoint")
 
 
 def _write_report(store, report: dict, err: TextIO) -> None:
