@@ -49,10 +49,17 @@ def check_output(location: Location, retry: RetryPolicy, *, write: bool = True, 
         _check_local_output(location.url, path, write=write, what=what)
         return
     _check_bucket(fs, path, location.url, retry, what=what, writing=True)
-    if write:
-        probe = f"{path.rstrip('/')}/{PROBE_PREFIX}{uuid.uuid4().hex}"
+    if not write:
+        return
+    probe = f"{path.rstrip('/')}/{PROBE_PREFIX}{uuid.uuid4().hex}"
+    try:
         _call(retry, "write a probe object under", location.url, what, True, fs.pipe_file, probe, b"")
         _call(retry, "delete the probe object under", location.url, what, True, fs.rm_file, probe)
+    except FeatUpError:
+        raise
+    except Exception as e:  # a filesystem that cannot write at all (http), or any other refusal of the store
+        raise ConfigError(f"{what} {mask_text(location.url)}: expected a location where the store can be written, "
+                          f"got {describe(e)}; choose another {what}") from None
 
 
 def check_inputs(patterns: Sequence[str], storage_options: dict[str, Any], retry: RetryPolicy, what: str = "input") -> None:

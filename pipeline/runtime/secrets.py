@@ -125,13 +125,14 @@ def _remembered_pattern() -> re.Pattern | None:
 
 
 def mask_json(value: Any) -> Any:
-    """A JSON-ready value (dicts, lists, strings, numbers) with ``mask_text`` applied to every string, keys included."""
+    """A JSON-ready value (dicts, lists, tuples, strings, numbers) with ``mask_text`` applied to every string, keys
+    included; containers keep their type."""
     if isinstance(value, str):
         return mask_text(value)
     if isinstance(value, dict):
         return {mask_text(k) if isinstance(k, str) else k: mask_json(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [mask_json(v) for v in value]
+        return type(value)(mask_json(v) for v in value)
     return value
 
 

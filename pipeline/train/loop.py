@@ -74,7 +74,7 @@ class TrainConfig:
     image_key: str | None = None
     max_pixels: int = 64_000_000
     overwrite: bool = False
-    storage_options: dict[str, Any] = field(default_factory=dict)
+    storage_options: dict[str, Any] = field(default_factory=dict, repr=False)  # may hold credentials: never in a repr
     output_location: Location = field(init=False, repr=False, compare=False)  # resolved once from output + options
 
     def __post_init__(self) -> None:
