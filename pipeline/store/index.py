@@ -32,10 +32,13 @@ def build_index_table(rows: Sequence[dict[str, Any]]) -> pa.Table:
     """A checked index table (INDEX_SCHEMA) from row dicts; ``error`` may be left out for valid samples, ``orientation``
     (0: unknown) for any. Shard URLs and error messages are stored with their credentials masked."""
     expected = set(INDEX_SCHEMA.names)
-    full = []
+    full, masked = [], {}  # a shard's rows share their URL: each distinct text is masked once
     for i, row in enumerate(rows):
         row = {**_DEFAULTS, **row}
-        row.update({name: mask_text(row[name]) for name in _MASKED if isinstance(row.get(name), str)})
+        for name in _MASKED:
+            text = row.get(name)
+            if isinstance(text, str):
+                row[name] = masked[text] if text in masked else masked.setdefault(text, mask_text(text))
         if set(row) != expected:
             missing, extra = sorted(expected - set(row)), sorted(set(row) - expected)
             raise InputError(f"index row {i}: expected the columns {INDEX_SCHEMA.names}, "
