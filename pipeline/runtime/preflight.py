@@ -39,7 +39,7 @@ REJECTED_CODES = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken",
 NO_BUCKET_CODES = {"NoSuchBucket"}
 DENIED_CODES = {"AccessDenied", "AllAccessDisabled", "AccountProblem", "403"}
 CREDENTIALS_HELP = ("give this machine credentials (an instance profile or role, AWS_PROFILE, or AWS_ACCESS_KEY_ID and "
-                    "AWS_SECRET_ACCESS_KEY in its environment) or pass --storage-option key=... --storage-option secret=...")
+                    "AWS_SECRET_ACCESS_KEY in its environment) or pass --storage-option key=<id> --storage-option secret=<secret>")
 
 
 def check_output(location: Location, retry: RetryPolicy, *, write: bool = True, what: str = "--output") -> None:

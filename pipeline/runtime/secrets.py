@@ -38,6 +38,8 @@ _URL = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*://[^\s'\"<>]+")
 _PAIR = re.compile(r"(?<![\w.\-/])([A-Za-z_][\w.\-]*)=([^\s&'\",;)]+)")
 _QUOTED_PAIR = re.compile(r"""(['"])([A-Za-z_][\w.\-]*)\1(\s*:\s*)(['"])(.*?)(?<!\\)\4""")
 _CAMEL = re.compile(r"(?<=[a-z0-9])(?=[A-Z])")
+# Values of key=value pairs in text that are no secret: already masked, or a placeholder of a message (KEY=VALUE, key=...).
+_PLACEHOLDER = re.compile(r"^(\*\*\*|\.\.\.|<[^>]*>|[A-Z][A-Z_]*)(?![A-Za-z0-9])")
 
 _lock = threading.Lock()
 _remembered: set[str] = set()
@@ -99,7 +101,7 @@ def mask_text(text: str) -> str:
     if "://" in text:
         text = _URL.sub(_mask_url_match, text)
     if "=" in text:
-        text = _PAIR.sub(lambda m: f"{m[1]}={MASK}" if is_credential_key(m[1]) and not m[2].startswith(MASK) else m[0], text)
+        text = _PAIR.sub(lambda m: f"{m[1]}={MASK}" if is_credential_key(m[1]) and not _PLACEHOLDER.match(m[2]) else m[0], text)
     if ":" in text and ("'" in text or '"' in text):
         text = _QUOTED_PAIR.sub(
             lambda m: f"{m[1]}{m[2]}{m[1]}{m[3]}{m[4]}{MASK}{m[4]}" if is_credential_key(m[2]) else m[0], text)

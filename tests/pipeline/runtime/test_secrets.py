@@ -44,6 +44,8 @@ def test_text_and_json_mask_urls_pairs_and_the_values_a_command_line_named():
         assert mask_text(text) == ("open s3://b/x failed with ***; {'secret': '***', \"token\": \"***\", 'image_key': 'jpg'} "
                                    "aws_secret_access_key=***; https://***@h/x?sig=***")
         assert mask_text("remembered-key-10 is another word") == "remembered-key-10 is another word"
+        for placeholder in ("--storage-option: expected KEY=VALUE", "pass key=<id> or token=...", "token=***:"):
+            assert mask_text(placeholder) == placeholder
         report = {"store": "https://u:p@h/x.zarr", "n": 3, "reasons": {"https://h/s.tar?token=zz: cut": 1}, "ok": [True, None]}
         assert mask_json(report) == {"store": "https://***@h/x.zarr", "n": 3, "reasons": {"https://h/s.tar?token=***: cut": 1},
                                      "ok": [True, None]}
