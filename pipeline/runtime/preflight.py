@@ -42,16 +42,21 @@ CREDENTIALS_HELP = ("give this machine credentials (an instance profile or role,
                     "AWS_SECRET_ACCESS_KEY in its environment) or pass --storage-option key=<id> --storage-option secret=<secret>")
 
 
-def check_output(location: Location, retry: RetryPolicy, *, write: bool = True, what: str = "--output") -> None:
-    """Refuses, in one line, an output that cannot be written: raises ConfigError naming it and what to do."""
+def check_output(location: Location, retry: RetryPolicy, *, write: bool = True, what: str = "--output",
+                 file: bool = False) -> None:
+    """Refuses, in one line, an output that cannot be written: raises ConfigError naming it and what to do.
+
+    The output is a folder (a store), or with ``file`` a single file (a checkpoint) made in its parent folder.
+    """
     fs, path = location.filesystem()
     if isinstance(fs, LocalFileSystem):
-        _check_local_output(location.url, path, write=write, what=what)
+        _check_local_output(location.url, path, write=write, what=what, file=file)
         return
     _check_bucket(fs, path, location.url, retry, what=what, writing=True)
     if not write:
         return
-    probe = f"{path.rstrip('/')}/{PROBE_PREFIX}{uuid.uuid4().hex}"
+    folder = path.rstrip("/").rsplit("/", 1)[0] if file else path.rstrip("/")
+    probe = f"{folder}/{PROBE_PREFIX}{uuid.uuid4().hex}"
     try:
         _call(retry, "write a probe object under", location.url, what, True, fs.pipe_file, probe, b"")
         _call(retry, "delete the probe object under", location.url, what, True, fs.rm_file, probe)
@@ -116,12 +121,15 @@ def storage_problem(what: str, url: str, error: BaseException, *, writing: bool)
     return None
 
 
-def _check_local_output(url: str, path: str, *, write: bool, what: str) -> None:
-    """The output is a folder or nothing, under folders, and its nearest existing folder takes a new file."""
-    if os.path.exists(path) and not os.path.isdir(path):
+def _check_local_output(url: str, path: str, *, write: bool, what: str, file: bool = False) -> None:
+    """The output is a folder (a file, with ``file``) or nothing, under folders, and its nearest existing folder
+    takes a new file."""
+    if file and os.path.isdir(path):
+        raise ConfigError(f"{what} {url}: expected a file path, got a folder; name a file inside it")
+    if not file and os.path.exists(path) and not os.path.isdir(path):
         raise ConfigError(f"{what} {url}: expected a folder for the store (or nothing there yet), got a file; "
                           "choose another path, or remove the file")
-    existing = path
+    existing = os.path.dirname(path) if file else path
     while not os.path.lexists(existing):
         existing = os.path.dirname(existing)
     if not os.path.isdir(existing):
@@ -132,8 +140,9 @@ def _check_local_output(url: str, path: str, *, write: bool, what: str) -> None:
     try:
         fd, probe = tempfile.mkstemp(prefix=PROBE_PREFIX, dir=existing)
     except OSError as e:
-        raise ConfigError(f"{what} {url}: expected a location where the store can be created, got "
-                          f"{_local_reason(e, existing)} ({type(e).__name__}: {e.strerror}); choose a folder on a writable file system") from None
+        thing = "the file" if file else "the store"
+        raise ConfigError(f"{what} {url}: expected a location where {thing} can be created, got {_local_reason(e, existing)} "
+                          f"({type(e).__name__}: {e.strerror}); choose a folder on a writable file system") from None
     os.close(fd)
     os.unlink(probe)
 

@@ -64,6 +64,14 @@ def test_an_output_that_cannot_be_created_is_refused_naming_it(shard, tmp_path, 
     assert not (tmp_path / "a-file" / "out.zarr").exists() and a_file.read_text() == "not a folder"
 
 
+def test_train_jbu_checks_its_checkpoint_path_and_inputs_first_too(shard, tmp_path, capsys):
+    train = ["train-jbu", shard, "--backbone", "featup_tiny_net:tiny", "--weights", "random", "--image-size", "32"]
+    for output, words in {"/proc/jbu.ckpt": "got /proc, where no new file can be made", tmp_path: "expected a file path, got a folder"}.items():
+        assert main([*train, "--output", str(output)]) == 2
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(f"featup: error: --output {output}: ") and words in lines[0], lines
+
+
 _ROOTLESS = """
 import sys
 from jobs.cli import main
