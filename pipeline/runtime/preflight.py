@@ -39,7 +39,8 @@ REJECTED_CODES = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken",
 NO_BUCKET_CODES = {"NoSuchBucket"}
 DENIED_CODES = {"AccessDenied", "AllAccessDisabled", "AccountProblem", "403"}
 CREDENTIALS_HELP = ("give this machine credentials (an instance profile or role, AWS_PROFILE, or AWS_ACCESS_KEY_ID and "
-                    "AWS_SECRET_ACCESS_KEY in its environment) or pass --storage-option key=<id> --storage-option secret=<secret>")
+                    "AWS_SECRET_ACCESS_KEY in its environment) "
+                    "or pass --storage-option key=<id> --storage-option secret=<secret>")
 
 
 def check_output(location: Location, retry: RetryPolicy, *, write: bool = True, what: str = "--output",
@@ -141,8 +142,9 @@ def _check_local_output(url: str, path: str, *, write: bool, what: str, file: bo
         fd, probe = tempfile.mkstemp(prefix=PROBE_PREFIX, dir=existing)
     except OSError as e:
         thing = "the file" if file else "the store"
-        raise ConfigError(f"{what} {url}: expected a location where {thing} can be created, got {_local_reason(e, existing)} "
-                          f"({type(e).__name__}: {e.strerror}); choose a folder on a writable file system") from None
+        raise ConfigError(f"{what} {url}: expected a location where {thing} can be created, got "
+                          f"{_local_reason(e, existing)} ({type(e).__name__}: {e.strerror}); "
+                          "choose a folder on a writable file system") from None
     os.close(fd)
     os.unlink(probe)
 

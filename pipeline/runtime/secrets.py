@@ -101,11 +101,22 @@ def mask_text(text: str) -> str:
     if "://" in text:
         text = _URL.sub(_mask_url_match, text)
     if "=" in text:
-        text = _PAIR.sub(lambda m: f"{m[1]}={MASK}" if is_credential_key(m[1]) and not _PLACEHOLDER.match(m[2]) else m[0], text)
+        text = _PAIR.sub(_mask_pair, text)
     if ":" in text and ("'" in text or '"' in text):
-        text = _QUOTED_PAIR.sub(
-            lambda m: f"{m[1]}{m[2]}{m[1]}{m[3]}{m[4]}{MASK}{m[4]}" if is_credential_key(m[2]) else m[0], text)
+        text = _QUOTED_PAIR.sub(_mask_quoted_pair, text)
     return text
+
+
+def _mask_pair(match: re.Match) -> str:
+    """``key=value`` in text: the value masked when the key names a credential and the value is not a placeholder."""
+    key, value = match[1], match[2]
+    return f"{key}={MASK}" if is_credential_key(key) and not _PLACEHOLDER.match(value) else match[0]
+
+
+def _mask_quoted_pair(match: re.Match) -> str:
+    """``'key': 'value'`` (a dict's repr, JSON) in text: the value masked when the key names a credential."""
+    quote, key, colon, value_quote = match[1], match[2], match[3], match[4]
+    return f"{quote}{key}{quote}{colon}{value_quote}{MASK}{value_quote}" if is_credential_key(key) else match[0]
 
 
 def _mask_url_match(match: re.Match) -> str:
@@ -122,7 +133,8 @@ def _remembered_pattern() -> re.Pattern | None:
         if _pattern[0] != _remembered:
             values = sorted(_remembered, key=len, reverse=True)
             alternatives = "|".join(map(re.escape, values))
-            _pattern = (frozenset(_remembered), re.compile(rf"(?<![A-Za-z0-9])(?:{alternatives})(?![A-Za-z0-9])") if values else None)
+            regex = re.compile(rf"(?<![A-Za-z0-9])(?:{alternatives})(?![A-Za-z0-9])") if values else None
+            _pattern = (frozenset(_remembered), regex)
         return _pattern[1]
 
 
@@ -133,6 +145,8 @@ def mask_json(value: Any) -> Any:
         return mask_text(value)
     if isinstance(value, dict):
         return {mask_text(k) if isinstance(k, str) else k: mask_json(v) for k, v in value.items()}
+    if isinstance(value, tuple) and hasattr(value, "_fields"):  # a named tuple
+        return type(value)(*(mask_json(v) for v in value))
     if isinstance(value, (list, tuple)):
         return type(value)(mask_json(v) for v in value)
     return value

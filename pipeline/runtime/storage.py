@@ -46,7 +46,8 @@ def parse_storage_options(pairs: list[str] | tuple[str, ...]) -> dict[str, Any]:
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key:  # the whole text may be a secret given without its key: never echoed
-            raise ConfigError("--storage-option: expected KEY=VALUE, got a value without a key and '=' (not shown: it may be a secret)")
+            raise ConfigError(
+                "--storage-option: expected KEY=VALUE, got a value without a key and '=' (not shown: it may be a secret)")
         *parents, leaf = key.split(".")
         target = options
         for parent in parents:
