@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
-from jobs.cli import positive_int
+from jobs.cli import command_line_of, positive_int
 from jobs.implicit_options import add_implicit_arguments, implicit_settings
 
 
@@ -137,4 +136,4 @@ def run(args: argparse.Namespace) -> int:
     """Builds the config and runs the job; the exit code is non-zero when it stops early (--max-errors, failures)."""
     from pipeline.precompute.driver import run_precompute
 
-    return run_precompute(build_config(args), command_line=list(sys.argv), json_output=args.json)
+    return run_precompute(build_config(args), command_line=command_line_of(args), json_output=args.json)

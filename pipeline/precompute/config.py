@@ -83,7 +83,7 @@ class PrecomputeConfig:
     max_pixels: int = 64_000_000
     overwrite: bool = False
     dry_run: bool = False
-    storage_options: dict[str, Any] = field(default_factory=dict)
+    storage_options: dict[str, Any] = field(default_factory=dict, repr=False)  # may hold credentials: never in a repr
     seed: int = 0  # random weights and the PCA sample are drawn from generators seeded with it
     pca_images: int = 32  # images whose low-res features the --channels PCA is fitted on
     implicit: Any = None  # ImplicitFitConfig (published defaults filled in) with --upsampler implicit, else None

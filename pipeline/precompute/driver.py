@@ -31,6 +31,7 @@ from pipeline.precompute.repair import committed_to_skip, redo_lost_rows
 from pipeline.precompute.plan import COMPAT_KEYS, Plan, plan_keys, estimate_bytes, fit_projection, format_plan, make_plan
 from pipeline.runtime.progress import ProgressBar, precompute_postfix
 from pipeline.runtime.ray_session import ray_session
+from pipeline.runtime.secrets import mask_json
 from pipeline.precompute.heartbeat import HEARTBEAT_S, LockHeartbeat
 from pipeline.precompute.report import format_run_summary, summarize_reasons
 from pipeline.precompute.worker import ShardResult, ShardTask
@@ -51,6 +52,7 @@ def run_precompute(
     """
     out, err = out or sys.stdout, err or sys.stderr
     check_local_devices(config)  # before the shards are scanned and Ray starts
+    preflight(config)  # the output, inputs and checkpoint storage answer: one line each if not
     config = config.with_machine_resources(_machine_cpus())  # resolved once, passed down to the actors
     plan = make_plan(config, command_line)
     if config.dry_run:
@@ -82,6 +84,17 @@ def run_precompute(
 def _warn(warning: str | None, err: TextIO) -> None:
     if warning:
         print(warning, file=err)
+
+
+def preflight(config: PrecomputeConfig) -> None:
+    """Before any work: the output can be created (or, for a dry run, read), and the inputs' and a checkpoint URL's
+    storage answers; credentials, buckets and permissions that cannot work are refused in one line each."""
+    from pipeline.runtime import preflight as checks
+
+    checks.check_output(config.output_location, config.retry, write=not config.dry_run)
+    checks.check_inputs(config.inputs, config.storage_options, config.retry)
+    if config.checkpoint_location is not None and "://" in config.checkpoint_location.url:
+        checks.check_readable(config.checkpoint_location, config.retry, what="--checkpoint")
 
 
 def _write_report(store, report: dict, err: TextIO) -> None:
@@ -344,7 +357,7 @@ class Driver:
         t, plan = self.total, self.plan
         reasons = self.previous[1] + t.reasons
         busy = sum(t.times[k] for k in ("read_wait", "model", "write"))
-        return {
+        return mask_json({  # URLs may carry credentials (pre-signed, user:password@): report.json is shared
             "status": "complete" if self.failure is None else "failed",
             "failure": self.failure,
             "run_id": self.run_id,
@@ -375,7 +388,7 @@ class Driver:
             "actors": self._actors_report(),
             "time_split_s": {k: round(v, 3) for k, v in t.times.items()},
             "time_split_fraction": {k: round(t.times[k] / busy, 4) for k in ("read_wait", "model", "write")} if busy else {},
-        }
+        })
 
 
 def check_local_devices(config: PrecomputeConfig) -> None:

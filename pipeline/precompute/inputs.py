@@ -14,13 +14,16 @@ import json
 from typing import Any, Sequence
 
 from featup.errors import ConfigError
+from pipeline.runtime.secrets import mask_url
 
 MAX_NAMED = 5  # changed shards named in a refusal; the others are counted
 
 
 def shard_records(shards: Sequence[Any]) -> list[list]:
-    """``[url, samples, identity]`` of each shard (``ShardInfo``), in input order: what ``shards_sha256`` hashes."""
-    return [[s.url, s.num_samples, dict(s.identity)] for s in shards]
+    """``[url, samples, identity]`` of each shard (``ShardInfo``), in input order: what ``shards_sha256`` hashes.
+
+    URLs are masked (a signed URL's signature or a token in its query is never stored, and its rotation is no change)."""
+    return [[mask_url(s.url), s.num_samples, dict(s.identity)] for s in shards]
 
 
 def shards_sha256(shards: Sequence[Any]) -> str:

@@ -19,6 +19,7 @@ from pipeline.precompute.config import FINGERPRINT_FIELDS, PrecomputeConfig
 from pipeline.precompute.extract import FeatureExtractor, Projection
 from pipeline.precompute.inputs import shards_sha256
 from pipeline.runtime.progress import format_duration, human_bytes
+from pipeline.runtime.secrets import mask_argv, mask_json
 from pipeline.runtime.storage import Location
 
 if TYPE_CHECKING:
@@ -200,9 +201,12 @@ def array_specs(plan: Plan, labels: dict[str, tuple[tuple[int, ...], str]]) -> l
 
 
 def store_attrs(plan: Plan, command_line: Sequence[str]) -> dict[str, Any]:
-    """The store's provenance attributes: the config fingerprint, the inputs' layout and the model that made it."""
+    """The store's provenance attributes: the config fingerprint, the inputs' layout and the model that made it.
+
+    Credentials never reach them: the command line and every URL are masked (``pipeline.runtime.secrets``).
+    """
     provenance = plan.extractor.provenance()
-    return {
+    return mask_json({
         **plan.config.store_fingerprint(),
         "num_shards": len(plan.shards),
         "num_rows": plan.num_rows,
@@ -213,10 +217,10 @@ def store_attrs(plan: Plan, command_line: Sequence[str]) -> dict[str, Any]:
         "feature_channels": plan.config.channels or provenance["backbone_dim"],
         "storage_dtype": plan.config.storage_dtype,
         "featup_version": __version__,
-        "command_line": list(command_line),
+        "command_line": mask_argv(command_line),
         "created_at": datetime.now(timezone.utc).isoformat(),
         "pca": None,
-    }
+    })
 
 
 def sample_decoded(plan: Plan, count: int) -> list:

@@ -10,6 +10,7 @@ from typing import Any
 import pyarrow.compute as pc
 
 from pipeline.runtime.progress import human_bytes
+from pipeline.runtime.secrets import mask_json
 from pipeline.store.features import FeatureStore
 from pipeline.store.integrity import RECOMPUTE_HINT, LostRow, find_lost_rows
 
@@ -26,7 +27,7 @@ def store_summary(url: str, storage_options: dict | None = None, verify: bool = 
     failed = index.filter(pc.equal(index["status"], "error"))
     attrs = store.attrs
     report = store.read_report()
-    return {
+    return mask_json({  # a store written before masking may still hold credentials in its command line
         "url": url,
         "arrays": [_array_summary(name, store.array(name)) for name in store.array_names],
         "rows": store.num_rows,
@@ -37,7 +38,7 @@ def store_summary(url: str, storage_options: dict | None = None, verify: bool = 
         "report": _report_summary(report),
         **checked,
         "provenance": attrs,
-    }
+    })
 
 
 def _verify(store: FeatureStore, index: Any) -> dict[str, Any]:

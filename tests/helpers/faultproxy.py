@@ -6,6 +6,7 @@
         proxy.reset_next(2)     # the next 2 connections that carry a response are reset after 1024 bytes of it
         proxy.slowdown(5)       # the next 5 HTTP requests are answered "503 SlowDown" (S3's throttling)
         proxy.deny(1)           # the next request is answered "403 AccessDenied"
+        proxy.reject_credentials(1)  # ... "403 InvalidAccessKeyId"
 
 Faults are real TCP events (RST via SO_LINGER 0) and real HTTP responses, so the client stacks under test (aiohttp,
 botocore, s3fs) see exactly what a failing network or a throttling store gives them. Requests are told apart by
@@ -84,6 +85,10 @@ class FaultProxy:
     def deny(self, n: int) -> None:
         """Answers the next ``n`` HTTP requests with ``403 AccessDenied`` (then closes their connection)."""
         self._answer(n, 403, "AccessDenied", "Access Denied")
+
+    def reject_credentials(self, n: int) -> None:
+        """Answers the next ``n`` HTTP requests with ``403 InvalidAccessKeyId`` (S3's answer to an unknown access key)."""
+        self._answer(n, 403, "InvalidAccessKeyId", "The AWS Access Key Id you provided does not exist in our records.")
 
     def clear(self) -> None:
         """Cancels pending faults and ends an outage."""

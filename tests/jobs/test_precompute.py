@@ -1,4 +1,5 @@
-"""``featup precompute`` through the CLI: dry run, refusals, a full run, --max-errors, and a driver killed mid-run."""
+"""``featup precompute`` through the CLI: dry run, refusals, a full run, --max-errors (on a shard read with credentials
+that must stay out of the store and off the screen), and a driver killed mid-run."""
 
 import json
 import os
@@ -6,12 +7,14 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import pytest
 
 from tests.helpers import corpus
 from tests.helpers import precompute as helpers
+from tests.helpers.fileserver import CredentialFileServer
 
 from jobs.cli import main  # noqa: E402
 from pipeline.store.features import FeatureStore  # noqa: E402
@@ -73,12 +76,35 @@ def test_an_incompatible_store_is_refused_naming_the_differences_and_overwrite_s
     assert FeatureStore.open(str(out), mode="r").attrs["upsampler"] == "bilinear"
 
 
-def test_exceeding_max_errors_exits_non_zero(env, tmp_path, capsys):
+def test_exceeding_max_errors_exits_non_zero_and_no_credential_reaches_the_store_or_the_screen(env, tmp_path, capsys):
+    """The bad shard is read over HTTP with a password (user-info), a token (query) and an API key (--storage-option
+    header): the job reads it, stops on --max-errors, and none of the three is in any file of the store, nor printed
+    by the run or by ``featup inspect``."""
     bad, expected = corpus.make_bad_shard(tmp_path / "in")
-    assert _cli(bad, "--output", tmp_path / "out.zarr", *TINY, "--max-errors", "0.25") == 1
+    secret = {name: f"{name}-{uuid.uuid4().hex}" for name in ("password", "token", "api-key")}
+    out = tmp_path / "out.zarr"
+    with CredentialFileServer(tmp_path / "in", user="reader", password=secret["password"], token=secret["token"],
+                              api_key=secret["api-key"]) as server:
+        code = _cli(server.url(Path(bad).name), "--output", out, *TINY, "--max-errors", "0.25",
+                    "--storage-option", f"headers.X-Api-Key={secret['api-key']}")
+        run = capsys.readouterr()
+        assert code == 1 and server.served > 0 and server.refused == 0, run.err
     failed = sum(s == "error" for s in expected.values())
     limit, total = len(expected) // 4, len(expected)
-    assert f"{failed} failed samples exceed --max-errors 0.25 (at most {limit} of {total} samples)" in capsys.readouterr().err
+    assert f"{failed} failed samples exceed --max-errors 0.25 (at most {limit} of {total} samples)" in run.err
+
+    assert main(["inspect", str(out)]) == 0 and main(["inspect", str(out), "--json"]) == 0
+    screen = run.out + run.err + capsys.readouterr().out
+    stored = b"".join(p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file())
+    for value in secret.values():
+        assert value not in screen and value.encode() not in stored, value
+    store = FeatureStore.open(str(out), mode="r")
+    shard_url = f"http://***@127.0.0.1:{server.port}/{Path(bad).name}?token=***"
+    assert {row["shard"] for row in store.read_index().to_pylist()} == {shard_url}
+    report = store.read_report()
+    assert report["command_line"][:2] == ["featup", "precompute"] and shard_url in report["command_line"]
+    assert "headers.X-Api-Key=***" in report["command_line"] and store.attrs["command_line"] == report["command_line"]
+    assert "headers.X-Api-Key=***" in screen  # inspect shows the masked command line
 
 
 def test_driver_killed_mid_run_then_the_rerun_finishes_it(env, tmp_path, capsys):

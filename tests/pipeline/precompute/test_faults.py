@@ -111,6 +111,8 @@ def test_an_outage_longer_than_the_budget_stops_with_one_message_and_the_rerun_c
     errors = [line[line.index("featup: error:"):] for line in text.splitlines() if "featup: error:" in line]
     assert len(errors) == 1 and "storage unavailable for 2 s" in errors[0] and "rerun the same command to resume" in errors[0], text[-6000:]
     assert "Traceback" not in text
+    stored = FeatureStore.open(output, s3_server.storage_options, mode="r").attrs["command_line"]  # the options' secret: masked
+    assert "secret=***" in stored and "key=***" in stored and not [a for a in stored if options["secret"] in a]
 
     rerun = helpers.tiny_config(shards, output, storage_options=options, batch_size=2, io_retry_seconds=30)
     assert run_precompute(rerun, out=io.StringIO(), err=io.StringIO()) == 0  # takes over the dead job's lock, computes the rest
