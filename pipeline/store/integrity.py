@@ -22,15 +22,14 @@ import itertools
 import math
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 import pyarrow.compute as pc
 from zarr.storage import WrapperStore
 
 from featup.errors import InputError
 
-if TYPE_CHECKING:
-    from pipeline.store.features import FeatureStore
+FeatureStore = Any  # pipeline.store.features.FeatureStore, which imports this module (no import circle)
 
 METADATA_NAMES = {"zarr.json", ".zarray", ".zattrs", ".zgroup", ".zmetadata"}  # keys zarr may probe for and not find
 MAX_NAMED = 5  # lost rows named in a one-line message; every one is listed by ``featup inspect --verify``
