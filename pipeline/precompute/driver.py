@@ -117,37 +117,52 @@ def _release_lock(store, err: TextIO) -> None:
 
 
 def open_store(plan: Plan, run_id: str, err: TextIO):
-    """(store, committed shards, projection, clean): resumes a compatible store or creates one; holds its lock."""
-    from pipeline.store.features import FeatureStore, check_compatible
+    """(store, committed shards, projection, clean): resumes a compatible store or creates one; holds its lock.
+
+    The lock comes first, before anything is written: whether to resume or create is decided under it, so of jobs
+    started together on a new output exactly one creates the store and the others are refused naming it."""
+    from pipeline.store.features import FeatureStore
 
     c = plan.config
     options = c.output_location.options
-    if FeatureStore.exists(c.output, options, retry=c.retry) and not c.overwrite:
-        store = FeatureStore.open(c.output, options, retry=c.retry)
-        store.acquire_lock(run_id, heartbeat_s=HEARTBEAT_S)  # refuses while another job runs, before anything is read or written
-        try:
-            _warn(check_inputs(store, plan.shards), err)  # the shards the store was made from, by content, first
-            check_compatible(store.attrs, plan.attrs, COMPAT_KEYS)
-        except Exception:
-            store.release_lock()
-            raise
-        committed = store.committed_shards() & {s.index for s in plan.shards}
-        projection = Projection.from_attrs(store.attrs["pca"]) if c.channels else None
-        print(
-            f"featup: resuming {c.output}: {len(committed)} of {len(plan.shards)} shards already committed and skipped, "
-            f"{len(plan.shards) - len(committed)} to compute",
-            file=err,
+    lock = FeatureStore.lock_output(c.output, run_id, options, overwrite=c.overwrite, retry=c.retry, heartbeat_s=HEARTBEAT_S)
+    try:
+        if not c.overwrite and FeatureStore.exists(c.output, options, retry=c.retry):
+            return _resume_store(plan, FeatureStore.open(c.output, options, retry=c.retry, lock=lock), err)
+        with LockHeartbeat(lock) as heartbeat:  # fitting the PCA may take longer than the lock's window
+            projection = fit_projection(plan) if c.channels else None
+        if heartbeat.error is not None:
+            raise heartbeat.error
+        attrs = {**plan.attrs, "pca": projection.to_attrs() if projection else None}
+        store = FeatureStore.create(
+            c.output, num_rows=plan.num_rows, arrays=plan.arrays, attrs=attrs, storage_options=options,
+            overwrite=c.overwrite, keys=plan_keys(plan), retry=c.retry, codec=c.storage_codec, lock=lock,
         )
-        return store, committed, projection, False
-    projection = fit_projection(plan) if c.channels else None
-    attrs = {**plan.attrs, "pca": projection.to_attrs() if projection else None}
-    store = FeatureStore.create(
-        c.output, num_rows=plan.num_rows, arrays=plan.arrays, attrs=attrs, storage_options=options, overwrite=c.overwrite,
-        keys=plan_keys(plan), retry=c.retry, codec=c.storage_codec,
-    )
-    store.acquire_lock(run_id, heartbeat_s=HEARTBEAT_S)
-    write_inputs(store, plan.shards)
+        write_inputs(store, plan.shards)  # the shards' content identities, to refuse a resume against changed ones
+    except BaseException:
+        try:
+            lock.release()
+        except TransientIOError:  # storage is down: the lock goes stale; the error that stopped the job is the one told
+            pass
+        raise
     return store, set(), projection, True
+
+
+def _resume_store(plan: Plan, store, err: TextIO):
+    """(store, committed shards, projection, clean) of an existing store this run may resume (settings compared)."""
+    from pipeline.store.features import check_compatible
+
+    c = plan.config
+    _warn(check_inputs(store, plan.shards), err)  # the shards the store was made from, by content, first
+    check_compatible(store.attrs, plan.attrs, COMPAT_KEYS)
+    committed = store.committed_shards() & {s.index for s in plan.shards}
+    projection = Projection.from_attrs(store.attrs["pca"]) if c.channels else None
+    print(
+        f"featup: resuming {c.output}: {len(committed)} of {len(plan.shards)} shards already committed and skipped, "
+        f"{len(plan.shards) - len(committed)} to compute",
+        file=err,
+    )
+    return store, committed, projection, False
 
 
 def _existing_commits(plan: Plan, err: TextIO) -> set[int] | None:

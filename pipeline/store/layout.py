@@ -69,14 +69,16 @@ def layout_for(store_format: object, url: str) -> Layout:
 
 
 def create_side_group(group: zarr.Group) -> None:
-    """The ``_featup`` sub-group and its three empty arrays, whose prefixes hold the side files (format 2)."""
-    side = group.create_group(SIDE_GROUP, overwrite=True, attributes={
+    """The ``_featup`` sub-group and its three empty arrays, whose prefixes hold the side files (format 2).
+
+    Never with zarr's ``overwrite``: it deletes a node's whole prefix, and ``run/`` holds the lock of the job creating it."""
+    side = group.create_group(SIDE_GROUP, attributes={
         "description": "FeatUp pipeline bookkeeping: the plain files under these empty arrays are not Zarr data",
         "files": _SIDE_NODES,
     })
     for name, holds in _SIDE_NODES.items():
         side.create_array(name, shape=(0,), chunks=(1,), dtype="uint8", dimension_names=(_FILE_DIM,), fill_value=0,
-                          attributes={"holds": holds}, overwrite=True)
+                          attributes={"holds": holds})
 
 
 def refuse_resume(url: str, store_format: int) -> str:

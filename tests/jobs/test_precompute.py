@@ -4,6 +4,7 @@ that must stay out of the store and off the screen), and a driver killed mid-run
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -145,6 +146,34 @@ def test_driver_killed_mid_run_then_the_rerun_finishes_it(env, tmp_path, capsys)
         helpers.assert_same_store(reference.output, str(out), same_urls=True)
     finally:
         _stop_group(driver.pid)
+
+
+def test_two_commands_started_together_on_a_new_output_one_runs_the_other_is_refused(env, tmp_path):
+    """Two ``featup precompute`` with different settings, started at the same moment on a new output (joining this
+    module's Ray): one creates the store and runs to the end, the other is refused with one line naming the holder."""
+    import ray
+
+    out = tmp_path / "out.zarr"
+    child_env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(env["modules"]), os.environ.get("PYTHONPATH")])),
+                 "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
+    common = [sys.executable, "-m", "jobs.cli", "precompute", env["pattern"], "--output", str(out), *TINY,
+              "--address", ray.get_runtime_context().gcs_address, "--actors", "1", "--cpus-per-actor", "1"]
+    settings = {"float32": ["--dtype", "float32"], "float16": ["--dtype", "float16", "--upsampler", "bilinear"]}
+    jobs = {name: subprocess.Popen([*common, *flags], env=child_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for name, flags in settings.items()}
+    done = {name: (job, *job.communicate(timeout=300)) for name, job in jobs.items()}
+    codes = sorted(job.returncode for job, _, _ in done.values())
+    assert codes == [0, 2], {name: err[-2000:] for name, (_, _, err) in done.items()}
+    winner = next(name for name, (job, _, _) in done.items() if job.returncode == 0)
+    loser_err = next(err for job, _, err in done.values() if job.returncode == 2)
+    store = FeatureStore.open(str(out), mode="r")
+    report = store.read_report()
+    assert report["status"] == "complete" and report["samples"]["ok"] == 20 and store.attrs["dtype"] == winner
+    assert store.attrs["upsampler"] == ("bilinear" if winner == "float16" else "jbu")
+    lines = [line for line in loser_err.splitlines() if line.strip()]
+    assert len(lines) == 1, loser_err
+    assert lines[0].startswith(f"featup: error: output {out}: expected no other job writing to it, got run {report['run_id']} "
+                               f"(host {socket.gethostname()}, pid {jobs[winner].pid}, last heartbeat "), lines[0]
 
 
 def _stop_group(pgid: int, grace_s: float = 5.0) -> None:
