@@ -7,7 +7,23 @@ import os
 from contextlib import contextmanager
 from typing import Iterator
 
-RAY_AUTH_MODE_ENV = "RAY_AUTH_MODE"
+# Ray's notice that token authentication is on by default for a new local instance: printed in the middle of the
+# progress output for an embedded Ray that nobody else reaches (authentication stays on; only the notice goes).
+RAY_NOTICE_LOGGERS = ("ray._private.authentication.authentication_token_setup",)
+
+
+@contextmanager
+def _quiet(names: tuple[str, ...]) -> Iterator[None]:
+    """Raises the named loggers to ERROR while the block runs."""
+    loggers = [logging.getLogger(name) for name in names]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
 
 
 @contextmanager
@@ -25,11 +41,9 @@ def ray_session(address: str | None, num_cpus: int | None = None) -> Iterator[No
     if address:
         ray.init(address=address, logging_level=logging.WARNING)
     else:
-        # Token authentication stays on (Ray's default for a new local instance), but chosen explicitly, so Ray does not
-        # print its notice about the default in the middle of the progress output for an instance nobody else reaches.
-        os.environ.setdefault(RAY_AUTH_MODE_ENV, "token")
         cpus = max(os.cpu_count() or 1, num_cpus or 0)
-        ray.init(address="local", num_cpus=cpus, include_dashboard=False, logging_level=logging.WARNING)
+        with _quiet(RAY_NOTICE_LOGGERS):
+            ray.init(address="local", num_cpus=cpus, include_dashboard=False, logging_level=logging.WARNING)
     try:
         yield
     finally:

@@ -78,7 +78,6 @@ def local_ray(root: Path) -> Iterator[RayEnv]:
         SLOW_FLAG_ENV: str(ray_env.flag),
         "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0",
         "HF_HUB_OFFLINE": "1",
-        "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "token"),  # chosen explicitly: no notice on every start
     }
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
