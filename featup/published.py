@@ -15,6 +15,7 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -192,8 +193,12 @@ def unreachable(url: str, timeout: float = PROBE_TIMEOUT_S) -> str | None:
     return outcome[0] if outcome else f"no answer within {timeout:g} s"
 
 
-def download(url: str, path: Path, *, progress: bool = True) -> None:
-    """Stream ``url`` to a temporary file next to ``path``, check it is a whole checkpoint, then rename it to ``path``."""
+def download(url: str, path: Path, *, progress: bool = True, check: Callable[[Path, str], None] | None = None) -> None:
+    """Stream ``url`` to a temporary file next to ``path``, check it is a whole checkpoint, then rename it to ``path``.
+
+    ``check(tmp, url)`` raises CheckpointError for a file that must not be cached (default: ``check_checkpoint_file``,
+    a FeatUp checkpoint); other kinds of checkpoint pass their own (``featup.upsampler_hub``).
+    """
     from tqdm.auto import tqdm
 
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -212,7 +217,7 @@ def download(url: str, path: Path, *, progress: bool = True) -> None:
                 f"download of {url} is truncated: expected {expected} bytes (Content-Length), got {received}; "
                 f"nothing was cached, run again to retry"
             )
-        check_checkpoint_file(tmp, url)
+        (check or check_checkpoint_file)(tmp, url)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
