@@ -191,3 +191,26 @@ def test_a_run_from_a_published_name_equals_the_published_math(env, tmp_path):
             expected = reference_stack(ckpt.upsampler, ckpt.normalize(model(image)), image)[-1][0]  # (384, 112, 112)
         got = reader[i]["features"]
         assert float((got - expected).abs().max()) <= 1e-4 * float(expected.abs().max()), i
+
+
+def test_a_successor_read_from_a_url_runs_on_the_actors_and_the_store_records_it(env, tmp_path):
+    """``--upsampler naf --checkpoint http://...``: the driver and the Ray actors read the weights from the URL; the
+    store records the kind, the URL and the file's sha256 and the normalisation the guidance image was given in."""
+    import hashlib
+
+    from pipeline.store.reader import open_features
+    from tests.helpers import successors
+
+    ckpt = successors.save_successor("naf", tmp_path / "served" / "naf.pth")
+    shard = str(env["root"] / "in" / "shard-000000.tar")
+    out = tmp_path / "naf.zarr"
+    with successors.file_server(tmp_path / "served") as server:
+        code = _cli(shard, "--output", out, "--backbone", helpers.TINY_BACKBONE, "--weights", "random", "--image-size",
+                    successors.NAF_MIN_SIZE, "--dtype", "float32", "--upsampler", "naf", "--checkpoint", server.url + "naf.pth")
+    assert code == 0 and "/naf.pth" in server.gets()
+    reader = open_features(str(out))
+    attrs = reader.attrs
+    assert (attrs["upsampler"], attrs["checkpoint"]) == ("naf", server.url + "naf.pth")
+    assert attrs["checkpoint_sha256"] == hashlib.sha256(ckpt.read_bytes()).hexdigest()
+    assert attrs["guidance_mean"] == [0.485, 0.456, 0.406] and len(reader) == 5
+    assert reader[4]["features"].shape == (16, successors.NAF_MIN_SIZE, successors.NAF_MIN_SIZE)
