@@ -75,6 +75,8 @@ KINDS: dict[str, Kind] = {
         # LoftUp: its sine encoding needs float32, and its colour min-max scaling runs over the whole batch.
         Kind("loftup", "featup.upsamplers.loftup", "dinov2s", feature_dim="dim", full_precision=True, per_image=True),
         Kind("naf", "featup.upsamplers.naf", DEFAULT_KEY),
+        # UPLiFT plugs in the same way once its module is in: its default key and the attribute holding its channels,
+        # Kind("uplift", "featup.upsamplers.uplift", "dinov2_vits14", feature_dim="<channel attribute>"),
     )
 }
 
