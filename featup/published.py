@@ -17,6 +17,7 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -197,14 +198,15 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def cache_change(path: Path) -> str | None:
-    """None when the cached ``path`` matches its sidecar, else how it differs (one phrase).
+def cache_change(path: Path, actual: str | None = None) -> str | None:
+    """None when the cached ``path`` matches its sidecar, else how it differs (one phrase); ``actual``: its sha256,
+    when the caller has it already.
 
     A file without a sidecar (put there by hand, as the offline error suggests, or cached by an older version) is
     taken as it is: its digest is recorded now, so a later change is seen.
     """
     sidecar = sidecar_path(path)
-    actual = file_sha256(path)
+    actual = actual or file_sha256(path)
     try:
         recorded = sidecar.read_text().split()[0] if sidecar.is_file() else None
     except (OSError, IndexError):
@@ -255,9 +257,13 @@ def unreachable(url: str, timeout: float = PROBE_TIMEOUT_S) -> str | None:
     return outcome[0] if outcome else f"no answer within {timeout:g} s"
 
 
-def download(url: str, path: Path, *, progress: bool = True) -> None:
+def download(url: str, path: Path, *, progress: bool = True, check: Callable[[Path, str], None] | None = None) -> None:
     """Stream ``url`` to a temporary file next to ``path``, check it is a whole checkpoint, record its sha256 beside
-    ``path`` (``<file>.sha256``), then rename it to ``path``."""
+    ``path`` (``<file>.sha256``), then rename it to ``path``.
+
+    ``check(tmp, url)`` raises CheckpointError for a file that must not be cached (default: ``check_checkpoint_file``,
+    a FeatUp checkpoint); other kinds of checkpoint pass their own (``featup.upsampler_hub``).
+    """
     from tqdm.auto import tqdm
 
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -276,7 +282,7 @@ def download(url: str, path: Path, *, progress: bool = True) -> None:
                 f"download of {url} is truncated: expected {expected} bytes (Content-Length), got {received}; "
                 f"nothing was cached, run again to retry"
             )
-        check_checkpoint_file(tmp, url)
+        (check or check_checkpoint_file)(tmp, url)
         write_sidecar(path, file_sha256(tmp))  # first: a crash before the rename leaves a mismatch, fetched again
         os.replace(tmp, path)
     finally:

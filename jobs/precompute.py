@@ -6,6 +6,7 @@ import argparse
 
 from jobs.cli import command_line_of, positive_int
 from jobs.implicit_options import add_implicit_arguments, implicit_settings
+from jobs.models import CHECKPOINT_HELP, UPSAMPLER_HELP
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -13,10 +14,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("inputs", nargs="+", metavar="INPUT", help="WebDataset shards: paths or fsspec URLs, brace patterns allowed")
     parser.add_argument("--output", required=True, help="the Zarr store: a local path or fsspec URL (s3://bucket/features.zarr)")
     model = parser.add_argument_group("model")
-    model.add_argument("--backbone", default=None, help="dino16, dino8, dinov2, clip, clip-tokens, maskclip, vit, resnet50, timm:<name> or pkg.module:callable (default: the one a --checkpoint featup:<model> implies)")
+    model.add_argument("--backbone", default=None, help="dino16, dino8, dinov2, clip, clip-tokens, maskclip, vit, resnet50, timm:<name> or pkg.module:callable (default: the one a --checkpoint featup:<model>, jafar:<backbone> or loftup:<backbone> implies)")
     model.add_argument("--weights", default="auto", help="auto (the checkpoint's own backbone weights when it has them, else pretrained from the hub, cached), checkpoint, random (offline, meaningless) or a weights file/URL")
-    model.add_argument("--checkpoint", default=None, help="trained FeatUp JBU: featup:<model>[:no_norm] (published, downloaded once to $TORCH_HOME), a path or a URL")
-    model.add_argument("--upsampler", default="jbu", help="jbu (default), bilinear or implicit (fitted per image: slow)")
+    model.add_argument("--checkpoint", default=None, help=CHECKPOINT_HELP)
+    model.add_argument("--upsampler", default=None, help=UPSAMPLER_HELP + ", or implicit (fitted per image: slow)")
     model.add_argument("--image-size", type=positive_int, default=224, help="resize shorter side + centre crop size (default 224)")
     size = model.add_mutually_exclusive_group()
     size.add_argument("--scale", type=positive_int, default=None, help="output size as a multiple of the low-res feature size")
@@ -91,6 +92,7 @@ def build_config(args: argparse.Namespace):
     from jobs.models import resolve_model_names
 
     resolve_model_names(args)
+    args.upsampler = args.upsampler or "jbu"
     from pipeline.precompute.config import PrecomputeConfig, parse_max_errors
     from pipeline.runtime.storage import parse_storage_options
 

@@ -114,11 +114,10 @@ def check_command(command: Sequence[str]) -> list[str]:
     importlib.import_module(SUBCOMMANDS[command[0]]).add_arguments(parser)
     parsed = parser.parse_args(command[1:])
     if hasattr(parsed, "backbone") and hasattr(parsed, "checkpoint"):  # a model command: its backbone named or implied
-        from featup import published
+        from jobs.models import resolve_names
 
         try:
-            if published.resolve_backbone(parsed.backbone, parsed.checkpoint) is None:
-                parser.error("--backbone: expected a backbone name, or a --checkpoint featup:<model> that implies one")
+            resolve_names(parsed)  # no network: the cluster fetches named weights itself
         except ConfigError as e:
             parser.error(str(e))
     has_address = any("--address" in action.option_strings for action in parser._actions)

@@ -7,13 +7,16 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from featup.errors import ConfigError
+from featup.upsampler_hub import KINDS as SUCCESSORS
+from featup.upsampler_hub import resolve as resolve_upsampler
 from pipeline.runtime.retry import DEFAULT_BUDGET_S, RetryPolicy
 from pipeline.runtime.storage import Location
 from pipeline.store.codecs import StorageCodec
 
 DTYPES = ("float16", "bfloat16", "float32")
 DEFAULT_MAX_ERRORS = 0.05  # --max-errors: 5% of all samples
-UPSAMPLERS = ("jbu", "bilinear", "implicit")  # implicit: a network fitted to each image (slow)
+# implicit: a network fitted to each image (slow); the successors (anyup, jafar, loftup, naf, uplift) run published weights
+UPSAMPLERS = ("jbu", "bilinear", "implicit", *SUCCESSORS)
 KERNEL_BACKENDS = ("auto", "compiled", "eager")  # JBU kernels: torch.compile'd or eager, same results
 # zarr and numpy have no bfloat16: bfloat16 results are stored exactly as float32.
 STORAGE_DTYPES = {"float16": "float16", "bfloat16": "float32", "float32": "float32"}
@@ -51,7 +54,7 @@ class PrecomputeConfig:
     output: str
     backbone: str
     weights: str = "auto"
-    checkpoint: str | None = None
+    checkpoint: str | None = None  # a successor without one gets its published weights (the name is filled in)
     upsampler: str = "jbu"
     image_size: int = 224
     scale: int | None = None
@@ -96,6 +99,8 @@ class PrecomputeConfig:
         object.__setattr__(self, "labels", tuple(self.labels))
         object.__setattr__(self, "storage_options", dict(self.storage_options))
         _check_inputs(self)
+        # A successor's published weights by name (recorded in the store), a name of another kind refused.
+        object.__setattr__(self, "checkpoint", resolve_upsampler(self.upsampler, self.checkpoint, self.backbone)[1])
         object.__setattr__(self, "output_location", Location.resolve(self.output, self.storage_options))
         checkpoint = None if self.checkpoint is None else Location.resolve(self.checkpoint, self.storage_options)
         object.__setattr__(self, "checkpoint_location", checkpoint)
@@ -183,8 +188,8 @@ def _check_inputs(c: PrecomputeConfig) -> None:
 def _check_model(c: PrecomputeConfig) -> None:
     if c.upsampler not in UPSAMPLERS:
         raise ConfigError(f"--upsampler: expected one of {', '.join(UPSAMPLERS)}, got {c.upsampler!r}")
-    if c.checkpoint is not None and c.upsampler != "jbu":
-        raise ConfigError(f"--upsampler: expected jbu with --checkpoint, got {c.upsampler!r}")
+    if c.checkpoint is not None and c.upsampler not in ("jbu", *SUCCESSORS):
+        raise ConfigError(f"--upsampler: expected jbu or one of {', '.join(SUCCESSORS)} with --checkpoint, got {c.upsampler!r}")
     _check_implicit(c)
     if c.kernel_backend not in KERNEL_BACKENDS:
         raise ConfigError(f"--kernel-backend: expected one of {', '.join(KERNEL_BACKENDS)}, got {c.kernel_backend!r}")

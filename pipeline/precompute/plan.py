@@ -66,6 +66,7 @@ def make_plan(config: PrecomputeConfig, command_line: Sequence[str] = ()) -> Pla
     shards = scan_inputs(urls, config.storage_options, retry=config.retry)
     offsets = np.concatenate([[0], np.cumsum([s.num_samples for s in shards])[:-1]]).astype(int).tolist() if shards else []
     extractor = FeatureExtractor(replace(config, kernel_backend="eager"), device="cpu")  # runs once at most: no compile
+    extractor.check_sizes()  # a successor refuses sizes it cannot take here, not once per sample
     if config.channels is not None and config.channels > extractor.backbone.dim:
         raise ConfigError(f"--channels: expected at most the backbone's {extractor.backbone.dim} channels, got {config.channels}")
     spec = decode_spec(config, extractor)

@@ -261,3 +261,26 @@ def test_cuda_on_a_machine_without_one_is_refused_before_ray_starts(env, tmp_pat
     assert lines == ["featup: error: device: expected an available device, got 'cuda' but CUDA is not available"], lines
     assert not list(ray_tmp.iterdir())
     assert not (tmp_path / "out.zarr").exists()
+
+
+def test_a_successor_read_from_a_url_runs_on_the_actors_and_the_store_records_it(env, tmp_path):
+    """``--upsampler naf --checkpoint http://...``: the driver and the Ray actors read the weights from the URL; the
+    store records the kind, the URL and the file's sha256 and the normalisation the guidance image was given in."""
+    import hashlib
+
+    from pipeline.store.reader import open_features
+    from tests.helpers import successors
+
+    ckpt = successors.save_successor("naf", tmp_path / "served" / "naf.pth")
+    shard = str(env["root"] / "in" / "shard-000000.tar")
+    out = tmp_path / "naf.zarr"
+    with successors.file_server(tmp_path / "served") as server:
+        code = _cli(shard, "--output", out, "--backbone", helpers.TINY_BACKBONE, "--weights", "random", "--image-size",
+                    successors.NAF_MIN_SIZE, "--dtype", "float32", "--upsampler", "naf", "--checkpoint", server.url + "naf.pth")
+    assert code == 0 and "/naf.pth" in server.gets()
+    reader = open_features(str(out))
+    attrs = reader.attrs
+    assert (attrs["upsampler"], attrs["checkpoint"]) == ("naf", server.url + "naf.pth")
+    assert attrs["checkpoint_sha256"] == hashlib.sha256(ckpt.read_bytes()).hexdigest()
+    assert attrs["guidance_mean"] == [0.485, 0.456, 0.406] and len(reader) == 5
+    assert reader[4]["features"].shape == (16, successors.NAF_MIN_SIZE, successors.NAF_MIN_SIZE)
