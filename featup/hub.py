@@ -132,7 +132,7 @@ def load_upsampler(
     """Upsampler ``kind`` with trained weights, in eval mode.
 
     ``checkpoint``: a published name (``featup:<model>[:no_norm]`` for ``jbu``; ``anyup``, ``anyup:multi_backbone``,
-    ``jafar:<backbone>``, ``loftup:<backbone>``, ``naf``, see ``featup.upsampler_hub.names()``), a path or an fsspec
+    ``jafar:<backbone>``, ``loftup:<backbone>``, ``uplift:<backbone>``, ``naf``, see ``featup.upsampler_hub.names()``), a path or an fsspec
     URL; None: the kind's default published weights (``featup:dinov2`` for jbu; ``bilinear`` has none). Published
     names are downloaded once and cached. The module's ``source`` and ``sha256`` say where its weights came from;
     ``forward(lr_feats, image, output_size=None)`` takes the image normalised as its ``image_norm`` says

@@ -1,7 +1,7 @@
 """FeatUp's successors by name: their published weights, downloaded once and cached, and the loader of any of their checkpoints.
 
 Names are a kind and a key of that upsampler module's ``PUBLISHED`` table: ``anyup`` (the paper model),
-``anyup:multi_backbone``, ``jafar:<backbone>``, ``loftup:<backbone>``, ``naf`` (a bare kind is its ``default``
+``anyup:multi_backbone``, ``jafar:<backbone>``, ``loftup:<backbone>``, ``uplift:<backbone>``, ``naf`` (a bare kind is its ``default``
 entry; ``names()`` lists them all). A kind is registered by one line of ``KINDS``. Files are downloaded with
 ``featup.published``'s download (progress bar, temporary name, checked, renamed) after its fast offline probe, to
 ``$TORCH_HOME/hub/checkpoints/<kind>/<key>/<file name>``, with a ``<file name>.sha256`` sidecar (``sha256sum``

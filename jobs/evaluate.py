@@ -38,7 +38,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--upsampler", default=None, choices=tuple(KINDS),
                         help="also score this successor of FeatUp with published or given weights (see --checkpoint)")
     parser.add_argument("--checkpoint", default=None,
-                        help="its weights: a published name (anyup, anyup:multi_backbone, naf; jafar:/loftup:<backbone> fit "
+                        help="its weights: a published name (anyup, anyup:multi_backbone, naf; jafar:/loftup:/uplift:<backbone> fit "
                              "only their backbone's channels), a path or a URL (default: its published weights)")
     parser.add_argument("--check", action="store_true", help="exit 1 when the targets are missed (JBU <= 0.75 x bilinear, implicit < JBU)")
 

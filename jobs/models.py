@@ -11,7 +11,7 @@ UPSAMPLER_HELP = (f"jbu (default: FeatUp's JBU), bilinear, or one of FeatUp's su
                   f"{', '.join(KINDS)} (see --checkpoint)")
 CHECKPOINT_HELP = (
     "the upsampler's weights: a published name, downloaded once to $TORCH_HOME/hub/checkpoints (jbu: "
-    "featup:<model>[:no_norm]; anyup, anyup:multi_backbone, jafar:<backbone>, loftup:<backbone>, naf; a successor's "
+    "featup:<model>[:no_norm]; anyup, anyup:multi_backbone, jafar:<backbone>, loftup:<backbone>, uplift:<backbone>, naf; a successor's "
     "name implies --upsampler, and a per-backbone one --backbone), a path or a URL (default: none for jbu, a random "
     "JBU; a successor's published weights for the backbone)"
 )
@@ -33,7 +33,7 @@ def resolve_names(args: argparse.Namespace) -> None:
     if args.backbone is None:
         raise ConfigError(
             "--backbone: expected a backbone name, or a --checkpoint that implies one (featup:<model>, "
-            "jafar:<backbone>, loftup:<backbone>), got neither"
+            "jafar:<backbone>, loftup:<backbone>, uplift:<backbone>), got neither"
         )
 
 

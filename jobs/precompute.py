@@ -14,7 +14,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("inputs", nargs="+", metavar="INPUT", help="WebDataset shards: paths or fsspec URLs, brace patterns allowed")
     parser.add_argument("--output", required=True, help="the Zarr store: a local path or fsspec URL (s3://bucket/features.zarr)")
     model = parser.add_argument_group("model")
-    model.add_argument("--backbone", default=None, help="dino16, dino8, dinov2, clip, clip-tokens, maskclip, vit, resnet50, timm:<name> or pkg.module:callable (default: the one a --checkpoint featup:<model>, jafar:<backbone> or loftup:<backbone> implies)")
+    model.add_argument("--backbone", default=None, help="dino16, dino8, dinov2, clip, clip-tokens, maskclip, vit, resnet50, timm:<name> or pkg.module:callable (default: the one a --checkpoint featup:<model>, jafar:, loftup: or uplift:<backbone> implies)")
     model.add_argument("--weights", default="auto", help="auto (the checkpoint's own backbone weights when it has them, else pretrained from the hub, cached), checkpoint, random (offline, meaningless) or a weights file/URL")
     model.add_argument("--checkpoint", default=None, help=CHECKPOINT_HELP)
     model.add_argument("--upsampler", default=None, help=UPSAMPLER_HELP + ", or implicit (fitted per image: slow)")

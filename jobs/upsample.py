@@ -30,7 +30,7 @@ class Models(NamedTuple):
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Adds the ``featup upsample`` options."""
     parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files or fsspec URLs")
-    parser.add_argument("--backbone", default=None, help="dino16, dino8, dinov2, clip, clip-tokens, maskclip, vit, resnet50, timm:<name> or pkg.module:callable (default: the one a --checkpoint featup:<model>, jafar:<backbone> or loftup:<backbone> implies)")
+    parser.add_argument("--backbone", default=None, help="dino16, dino8, dinov2, clip, clip-tokens, maskclip, vit, resnet50, timm:<name> or pkg.module:callable (default: the one a --checkpoint featup:<model>, jafar:, loftup: or uplift:<backbone> implies)")
     parser.add_argument("--weights", default="auto", help="auto (the checkpoint's own backbone weights when it has them, else pretrained from the hub, cached), checkpoint, random (offline, meaningless) or a weights file/URL")
     parser.add_argument("--checkpoint", default=None, help=CHECKPOINT_HELP)
     parser.add_argument("--upsampler", default=None, help=UPSAMPLER_HELP)

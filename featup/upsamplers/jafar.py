@@ -25,7 +25,6 @@ and output projections (and ``norm_v``) never reach the output and are only kept
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Mapping, Sequence
 
 import torch
@@ -33,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from featup.errors import CheckpointError, ConfigError
-from featup.upsamplers.base import IMAGENET_NORM, UPSAMPLERS, check_inputs, resolve_output_size
+from featup.upsamplers.base import IMAGENET_NORM, PublishedWeights, UPSAMPLERS, check_inputs, resolve_output_size
 
 NUM_GROUPS = 8  # GroupNorm groups everywhere in the published model
 NUM_RES_BLOCKS = 2  # residual blocks after each encoder's first conv
@@ -268,18 +267,6 @@ def _check_config(input_dim: int, qk_dim: int, v_dim: int, kernel_size: int, num
 
 
 # ---------------------------------------------------------------------------------------------- checkpoints
-
-
-@dataclass(frozen=True)
-class PublishedWeights:
-    """One released JAFAR checkpoint and the backbone it was trained for."""
-
-    url: str
-    file_name: str
-    backbone: str | None  # this project's backbone name when it is the same network, else None
-    dim: int | None  # feature channels (the model's v_dim)
-    patch: int | None  # backbone patch size (the feature stride)
-    sha256: str | None = None
 
 
 _RELEASE = "https://github.com/PaulCouairon/JAFAR/releases/download/Weights/"

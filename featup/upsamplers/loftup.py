@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
 from typing import Mapping, Sequence
 
 import torch
@@ -42,22 +41,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from featup.errors import CheckpointError, ConfigError, InputError
-from featup.upsamplers.base import IMAGENET_NORM, UPSAMPLERS, check_inputs, resolve_output_size
+from featup.upsamplers.base import IMAGENET_NORM, PublishedWeights, UPSAMPLERS, check_inputs, resolve_output_size
 
 TOKEN_FREQS = 5  # frequencies of the low-res tokens' position encoding (fixed in the published code)
 COLOR_DIM = 3
-
-
-@dataclass(frozen=True)
-class PublishedWeights:
-    """A released checkpoint: where to get it and which backbone it was trained for."""
-
-    url: str
-    file_name: str
-    backbone: str | None  # the project's backbone name (featup.backbones) when it is the same model
-    dim: int | None
-    patch: int | None
-    sha256: str | None = None
 
 
 def _hub(name: str, backbone: str | None, dim: int, patch: int) -> PublishedWeights:

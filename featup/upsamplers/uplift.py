@@ -28,7 +28,6 @@ antialiased filter as two small matrices. Training mode runs one band (BatchNorm
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Callable, Iterator, Mapping, Sequence
 
 import torch
@@ -36,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from featup.errors import CheckpointError, ConfigError
-from featup.upsamplers.base import IMAGENET_NORM, UPSAMPLERS, check_inputs, resolve_output_size
+from featup.upsamplers.base import IMAGENET_NORM, PublishedWeights, UPSAMPLERS, check_inputs, resolve_output_size
 
 # (dy, dx) low-res offsets of the 17-neighbour attender, in the order of its weight channels.
 OFFSETS: tuple[tuple[int, int], ...] = (
@@ -48,18 +47,6 @@ OFFSETS: tuple[tuple[int, int], ...] = (
 )  # fmt: skip
 _PAD = 2  # replication padding of the value map: the largest offset
 ENCODER_CHANNELS = (16, 32, 64, 128, 128)
-
-
-@dataclass(frozen=True)
-class PublishedWeights:
-    """One released checkpoint: where it is and the backbone whose features it upsamples."""
-
-    url: str
-    file_name: str
-    backbone: str | None  # the project's backbone name (``featup.backbones``), None if it has none
-    dim: int | None
-    patch: int | None
-    sha256: str | None = None
 
 
 _HUB = "https://huggingface.co/UPLiFT-upsampler"

@@ -108,6 +108,7 @@ def test_reduced_precision_is_close_to_float32():
             torch.testing.assert_close(got.float(), want, atol=tol, rtol=tol)
 
 
+@pytest.mark.timeout(900)  # compiled: a cold inductor cache builds the forward and backward kernels (minutes on 2 cores)
 @pytest.mark.parametrize("backend", ["eager", "compiled"])
 @pytest.mark.parametrize("method", ["composed", "upsample"])
 def test_gradients_match_autograd_of_published_math(backend, method):
