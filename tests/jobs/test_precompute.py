@@ -38,8 +38,9 @@ NO_RAY = ("import sys; from jobs.cli import main; code = main(sys.argv[1:]); "
 
 
 def _cli(*args):
-    """``featup precompute ARGS --in-process`` in this process."""
-    return main(["precompute", *map(str, args), "--in-process"])
+    """``featup precompute ARGS --in-process`` in this process, on one torch thread (two oversubscribe a loaded 2-core
+    machine, 10x slower)."""
+    return main(["precompute", *map(str, args), "--in-process", "--cpus-per-actor", "1"])
 
 
 def test_in_process_refuses_a_cluster_and_more_than_one_actor(env, tmp_path, capsys):
