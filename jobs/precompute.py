@@ -68,6 +68,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     res.add_argument("--kernel-backend", default="auto", help="JBU kernels: auto (torch.compile, eager fallback), compiled or eager")
     res.add_argument("--address", default=None, help="Ray cluster to join (auto, ray://host:10001); default: start a local Ray")
+    res.add_argument("--in-process", action="store_true",
+                     help="compute in this process without Ray (one worker): for debugging, notebooks and small jobs")
     run_opts = parser.add_argument_group("run")
     run_opts.add_argument("--overwrite", action="store_true", help="start over, deleting an existing store at --output")
     run_opts.add_argument("--dry-run", action="store_true", help="print the plan (shards, samples, arrays, bytes) and exit")
@@ -121,6 +123,7 @@ def build_config(args: argparse.Namespace):
         write_threads=args.write_threads,
         kernel_backend=args.kernel_backend,
         address=args.address,
+        in_process=args.in_process,
         **({} if args.max_errors is None else {"max_errors": parse_max_errors(args.max_errors)}),
         io_retry_seconds=args.io_retry_seconds,
         codec=args.codec, quantize=args.quantize, keep_bits=args.keep_bits, tile=args.tile,

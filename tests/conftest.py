@@ -54,6 +54,16 @@ def ray_env(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_modules(tmp_path_factory):
+    """The folder of the tiny backbone module (``tests.helpers.precompute.tiny_modules``), importable in this process for
+    the whole run: what in-process precompute runs need, without starting Ray."""
+    from tests.helpers.precompute import tiny_modules
+
+    with tiny_modules(tmp_path_factory.mktemp("tiny")) as modules:
+        yield modules
+
+
+@pytest.fixture(scope="session")
 def s3_server():
     """moto's threaded S3 server on a free port of 127.0.0.1 with one bucket (``tests.helpers.s3.S3Server``)."""
     with s3.s3_server() as server:

@@ -74,6 +74,7 @@ class PrecomputeConfig:
     write_threads: int | None = None  # None: sized per actor (pool.write_threads_for); 0: rows written in the model's thread
     kernel_backend: str = "auto"  # "eager" skips the per-process torch.compile (seconds): best for tiny jobs
     address: str | None = None
+    in_process: bool = False  # one worker in this process, no Ray (debugging, notebooks, small jobs); not with address
     # int: a count of failed samples; float in [0, 1]: a fraction of all samples; None: no limit. The default stops a
     # job whose failures point at a systematic problem (a wrong --labels or image key, a damaged shard set) rather
     # than the usual tail of unreadable files; a job in which no sample succeeded always fails.
@@ -239,6 +240,7 @@ def _check_resources(c: PrecomputeConfig) -> None:
             raise ConfigError(f"actors: expected a positive integer or auto, got {c.actors!r}")
     else:
         _positive("actors", c.actors)
+    _check_in_process(c)
     _positive("batch_size", c.batch_size)
     _positive("decode_threads", c.decode_threads, optional=True)
     w = c.write_threads
@@ -257,6 +259,19 @@ def _check_resources(c: PrecomputeConfig) -> None:
         raise ConfigError(f"--device: expected auto, cpu or cuda[:N], got {c.device!r}")
     if c.device.startswith("cuda") and g == 0:
         raise ConfigError(f"--gpus-per-actor: expected a number > 0 with --device {c.device}, got 0")
+
+
+def _check_in_process(c: PrecomputeConfig) -> None:
+    """``in_process`` computes in the driver's process with one worker: no cluster, no more actors."""
+    if not isinstance(c.in_process, bool):
+        raise ConfigError(f"--in-process: expected True or False, got {c.in_process!r}")
+    if not c.in_process:
+        return
+    if c.address is not None:
+        raise ConfigError(
+            f"--in-process: expected no --address (it computes in this process, without Ray), got --address {c.address}")
+    if c.actors != 1:
+        raise ConfigError(f"--in-process: expected --actors 1 (one worker in this process), got --actors {c.actors}")
 
 
 def _check_errors(c: PrecomputeConfig) -> None:

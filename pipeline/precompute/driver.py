@@ -1,10 +1,11 @@
 """The precompute driver: plans the job, opens or resumes the store under a lock, runs Ray actors over a shard queue.
 
-Actors are ``ray.remote(NodeWorker)`` (a ShardWorker that knows its node), kept by ``pipeline.cluster.ActorPool``;
+Actors are ``ray.remote(NodeWorker)`` (a ShardWorker that knows its node), kept by ``pipeline.precompute.pool.ActorPool``;
 each takes whole shards, writes their rows into the store itself and commits them. The driver only moves shard
 descriptions and small results: it gives shards to placed actors only, requeues the shard of an actor that dies (the
 pool starts a replacement if one is still needed), stops the job when ``--max-errors`` is exceeded, shows progress
-and writes the run report (with each actor's node).
+and writes the run report (with each actor's node). With ``in_process`` (``--in-process``) the same loop drives one
+worker in this process instead (``pipeline.precompute.local.LocalPool``) and Ray is never imported.
 """
 
 from __future__ import annotations
@@ -21,9 +22,9 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from typing import Iterator, Sequence, TextIO
 
-from featup.errors import ConfigError
 from pipeline.runtime.retry import TransientIOError
-from pipeline.precompute.pool import MAX_START_FAILURES, ActorPool, Slot, first_line
+from pipeline.precompute.pool import ActorPool, actor_resources
+from pipeline.precompute.slots import ShardLost, Slot, SlotPool
 from pipeline.precompute.config import PrecomputeConfig
 from pipeline.precompute.extract import Projection
 from pipeline.precompute.inputs import check_inputs, write_inputs
@@ -33,7 +34,7 @@ from pipeline.runtime.progress import ProgressBar, precompute_postfix
 from pipeline.runtime.ray_session import ray_session
 from pipeline.runtime.secrets import mask_json
 from pipeline.precompute.heartbeat import HEARTBEAT_S, LockHeartbeat
-from pipeline.precompute.report import format_run_summary, summarize_reasons
+from pipeline.precompute.report import actors_per_node, format_run_summary, per_actor, summarize_reasons
 from pipeline.precompute.worker import ShardResult, ShardTask
 
 EXIT_OK, EXIT_FAILED = 0, 1
@@ -53,7 +54,7 @@ def run_precompute(
     out, err = out or sys.stdout, err or sys.stderr
     check_local_devices(config)  # before the shards are scanned and Ray starts
     preflight(config)  # the output, inputs and checkpoint storage answer: one line each if not
-    config = config.with_machine_resources(_machine_cpus())  # resolved once, passed down to the actors
+    config = config.with_machine_resources(_machine_cpus(config))  # resolved once, passed down to the actors
     plan = make_plan(config, command_line)
     if config.dry_run:
         print(format_plan(plan, estimate_bytes(plan), _existing_commits(plan, err)), file=out)
@@ -69,7 +70,7 @@ def run_precompute(
             committed, redone = redo_lost_rows(store, plan, committed, err)
             driver = Driver(plan, store, committed, projection, clean=clean, run_id=run_id, err=err, heartbeat=heartbeat,
                             redone=redone)
-            with ray_session(config.address, _local_cpus(config)) if driver.queue else nullcontext():
+            with ray_session(config.address, _local_cpus(config)) if driver.queue and not config.in_process else nullcontext():
                 report = driver.run()
             _write_report(store, report, err)
     finally:
@@ -195,7 +196,8 @@ class _Totals:
 
 
 class Driver:
-    """The ray.wait loop over a queue of uncommitted shards, with actor replacement, error limit, progress and report."""
+    """The loop over a queue of uncommitted shards (on a pool of Ray actors or in process), with worker replacement,
+    error limit, progress and report."""
 
     def __init__(
         self, plan: Plan, store, committed: set[int], projection: Projection | None, *, clean: bool, run_id: str, err: TextIO,
@@ -216,7 +218,7 @@ class Driver:
         self.todo_samples = sum(t.shard.num_samples for t in self.queue)
         self.todo_shards = len(self.queue)
         self.progress = ProgressBar(self.todo_samples, desc="precompute", unit="img", stream=err)
-        self.pool: ActorPool | None = None
+        self.pool: SlotPool | None = None
         self.redone = list(redone)  # committed shards computed again because rows of theirs lost their objects
 
     def run(self) -> dict:
@@ -224,10 +226,7 @@ class Driver:
         started_at, start = datetime.now(timezone.utc), time.monotonic()
         try:
             if self.queue:
-                config = self.plan.config
-                self.pool = ActorPool(
-                    config, actor_resources(config), projection=self.projection, run_id=self.run_id, prefix=ACTOR_PREFIX, err=self.err
-                )
+                self.pool = self._make_pool()
                 self._loop(self.pool)
             self.progress.set(self.total.samples, self._postfix())  # drawn once more by close()
             self._check_some_succeeded()
@@ -237,62 +236,41 @@ class Driver:
             self.progress.close()
         return self._report(started_at, time.monotonic() - start)
 
-    def _loop(self, pool: ActorPool) -> None:
-        """Hands queued shards to placed idle actors, collects results, and keeps the pool sized to the work left."""
+    def _make_pool(self) -> SlotPool:
+        """Ray actors, or with ``in_process`` one worker in this process (Ray is not imported)."""
+        config = self.plan.config
+        if config.in_process:
+            from pipeline.precompute.local import LocalPool
+
+            return LocalPool(config, projection=self.projection, run_id=self.run_id)
+        return ActorPool(config, actor_resources(config), projection=self.projection, run_id=self.run_id, prefix=ACTOR_PREFIX,
+                         err=self.err)
+
+    def _loop(self, pool: SlotPool) -> None:
+        """Hands queued shards to ready idle workers, collects results, and keeps the pool sized to the work left."""
         while self.failure is None and (self.queue or pool.busy()):
             pool.fill(len(self.queue) + len(pool.busy()))
             pool.poll()
-            self._check_start_failures(pool)
+            if pool.start_failure is not None and self.failure is None:
+                self.failure = pool.start_failure
             for slot in pool.idle():
                 if self.queue:
-                    self._assign(slot, self.queue.popleft())
-            ready = self._wait(pool.refs())
-            for slot in [s for s in pool.busy() if s.ref in ready]:
-                self._collect(slot)
+                    pool.submit(slot, self.queue.popleft())
+            for slot in pool.wait(TICK_S):
+                self._collect(pool, slot)
             self._check_error_limit()
-            self._poll_progress(pool.busy())
+            pool.poll_progress()
             self.progress.set(self.total.samples + sum(s.progress for s in pool.busy()), self._postfix())
             if self.heartbeat is not None and self.heartbeat.error is not None:
                 self.failure = f"the store's lock could not be renewed: {self.heartbeat.error}"
 
-    @staticmethod
-    def _wait(refs: list) -> list:
-        """The refs that are ready after at most one tick (one is enough to act on)."""
-        import ray
-
-        if not refs:
-            time.sleep(TICK_S)
-            return []
-        ready, _ = ray.wait(refs, num_returns=1, timeout=TICK_S)
-        return ready
-
-    def _check_start_failures(self, pool: ActorPool) -> None:
-        if pool.start_failures >= MAX_START_FAILURES and self.failure is None:
-            self.failure = f"{pool.start_failures} precompute actors failed to start; last error: {pool.last_start_error}"
-
-    def _assign(self, slot: Slot, task: ShardTask) -> None:
-        slot.task, slot.progress, slot.progress_ref = task, 0, None
-        slot.ref = slot.actor.process_shard.remote(task)
-
-    def _collect(self, slot: Slot) -> None:
+    def _collect(self, pool: SlotPool, slot: Slot) -> None:
         """Takes a finished shard's result, or requeues it after a worker death (the pool replaces the actor) or failure."""
-        import ray
-        from ray.exceptions import RayActorError, RayTaskError
-
-        task, ref = slot.task, slot.ref
-        slot.task, slot.ref, slot.progress, slot.progress_ref = None, None, 0, None
+        task = slot.task
         try:
-            result: ShardResult = ray.get(ref)
-        except RayActorError as e:
-            self.pool.lost(slot)
-            self._retry(task, f"its worker died ({first_line(e)})")
-            return
-        except RayTaskError as e:
-            cause = getattr(e, "cause", None)
-            if isinstance(cause, TransientIOError):  # storage stayed down for the whole retry budget
-                self._retry(task, str(cause))
-            else:
-                self._retry(task, f"its worker failed ({first_line(e)})")
+            result: ShardResult = pool.take(slot)
+        except ShardLost as e:
+            self._retry(task, e.reason)
             return
         self._record(result)
 
@@ -337,34 +315,17 @@ class Driver:
                 f"(at most {self.limit} of {self.plan.num_rows} samples)"
             )
 
-    def _poll_progress(self, slots: list[Slot]) -> None:
-        """Asks busy actors how far they are into their shard (answers arrive by the next tick)."""
-        import ray
-
-        for slot in slots:
-            if slot.task is None:
-                continue
-            if slot.progress_ref is not None:
-                ready, _ = ray.wait([slot.progress_ref], timeout=0)
-                if not ready:
-                    continue
-                try:
-                    progress, slot.compiling = ray.get(ready[0])
-                    slot.progress = min(float(progress), slot.task.shard.num_samples)  # fractional: implicit fits
-                except Exception:  # the actor died: its shard's result says so
-                    pass
-            slot.progress_ref = slot.actor.status.remote()
-
     def _actors_report(self) -> dict:
         """Actors wanted, started and lost, each actor's throughput and node, and the work done per node."""
         pool = self.pool
         nodes = {name: pool.node_of(name) for name in self.total.per_actor} if pool else {}
         return {
+            "mode": "in-process" if self.plan.config.in_process else "ray",  # in-process: one worker here, no Ray
             "count": self.plan.config.actors,
             "started": pool.started if pool else 0,
             "restarts": pool.deaths if pool else 0,
-            "per_actor": _per_actor(self.total.per_actor, nodes),
-            "nodes": _per_node(self.total.per_actor, nodes),
+            "per_actor": per_actor(self.total.per_actor, nodes),
+            "nodes": actors_per_node(self.total.per_actor, nodes),
         }
 
     def _report(self, started_at: datetime, wall_s: float) -> dict:
@@ -418,12 +379,14 @@ def check_local_devices(config: PrecomputeConfig) -> None:
         resolve_device(config.device if config.device.startswith("cuda") else "cuda")
 
 
-def _machine_cpus() -> int:
-    """The CPUs a local job shares out: those of the Ray already running in this process, else this machine's."""
-    import ray
+def _machine_cpus(config: PrecomputeConfig) -> int:
+    """The CPUs a local job shares out: those of the Ray already running in this process, else this machine's (always
+    this machine's for an in-process job, which does not import Ray)."""
+    if not config.in_process:
+        import ray
 
-    if ray.is_initialized():
-        return max(1, int(ray.cluster_resources().get("CPU", 1)))
+        if ray.is_initialized():
+            return max(1, int(ray.cluster_resources().get("CPU", 1)))
     return os.cpu_count() or 1
 
 
@@ -432,55 +395,8 @@ def _local_cpus(config: PrecomputeConfig) -> int:
     return 0 if config.actors == "auto" else math.ceil(config.actors * config.cpus_per_actor)
 
 
-def actor_resources(config: PrecomputeConfig) -> dict[str, float]:
-    """Ray resources of one actor; GPUs default to 1 when its device is CUDA (or auto and the cluster has GPUs).
-
-    On a local Ray an actor that can never be placed is a ConfigError (a cluster may still grow, so it is not checked).
-    """
-    import ray
-
-    available = ray.cluster_resources()
-    gpus = config.gpus_per_actor
-    if gpus is None:
-        wants_gpu = config.device.startswith("cuda") or (config.device == "auto" and available.get("GPU", 0) >= 1)
-        gpus = 1 if wants_gpu else 0
-    if config.address is None:
-        for name, need in (("CPU", config.cpus_per_actor), ("GPU", gpus)):
-            if need > available.get(name, 0):
-                flag = f"--{name.lower()}s-per-actor"
-                raise ConfigError(f"{flag}: expected at most the {available.get(name, 0):g} {name}s of this machine, got {need:g}")
-    return {"num_cpus": config.cpus_per_actor, "num_gpus": gpus}
-
-
 def _previous_errors(store) -> tuple[int, Counter]:
     """Failed samples (and their reasons) of the shards committed by earlier runs."""
     index = store.read_index()
     errors = [e for s, e in zip(index["status"].to_pylist(), index["error"].to_pylist()) if s == "error"]
     return len(errors), Counter(errors)
-
-
-def _per_actor(stats: dict[str, Counter], nodes: dict[str, dict]) -> dict[str, dict]:
-    return {
-        name: {"shards": s["shards"], "samples": s["samples"], "busy_s": round(s["busy_s"], 3),
-               "images_per_s": round(s["samples"] / s["busy_s"], 3) if s["busy_s"] else 0.0,
-               "node_id": nodes.get(name, {}).get("node_id"), "node_ip": nodes.get(name, {}).get("node_ip"),
-               "decode_threads": nodes.get(name, {}).get("decode_threads"),
-               "torch_threads": nodes.get(name, {}).get("torch_threads"),
-               "write_threads": nodes.get(name, {}).get("write_threads")}
-        for name, s in stats.items()
-    }
-
-
-def _per_node(stats: dict[str, Counter], nodes: dict[str, dict]) -> dict[str, dict]:
-    """Actors, shards and samples per node id (two nodes on one machine share an IP, so nodes are told apart by id)."""
-    out: dict[str, dict] = {}
-    for name, s in stats.items():
-        info = nodes.get(name, {})
-        node = out.setdefault(
-            str(info.get("node_id")),
-            {"ip": info.get("node_ip"), "resources": info.get("node_resources", {}), "actors": 0, "shards": 0, "samples": 0},
-        )
-        node["actors"] += 1
-        node["shards"] += s["shards"]
-        node["samples"] += s["samples"]
-    return out

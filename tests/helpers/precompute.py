@@ -1,5 +1,8 @@
 """Shared by the precompute tests: a tiny user backbone module, a local 2-CPU Ray, reference stores and store comparison.
 
+Tests whose subject is not Ray run their jobs in process (``tiny_config(..., in_process=True)``, ``--in-process``): the
+tiny module only has to be importable here (``tiny_modules``); those about actors, placement and kills use ``local_ray``.
+
 Import it as ``from tests.helpers import precompute as helpers``.
 """
 
@@ -7,6 +10,7 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
 import textwrap
 import time
 from contextlib import contextmanager
@@ -55,6 +59,36 @@ def write_tiny_module(folder: Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / f"{TINY_MODULE}.py").write_text(textwrap.dedent(TINY_SOURCE))
     return folder
+
+
+@contextmanager
+def tiny_modules(root: Path) -> Iterator[Path]:
+    """The tiny module written under ``root``, importable in this process while the context lasts (no Ray)."""
+    modules = write_tiny_module(root / "mods")
+    sys.path.insert(0, str(modules))
+    try:
+        yield modules
+    finally:
+        sys.path.remove(str(modules))
+
+
+@contextmanager
+def slow_forwards() -> Iterator[None]:
+    """Every forward of the tiny backbone in this process sleeps SLOW_SECONDS while the context lasts (in-process runs;
+    Ray workers watch the flag of ``RayEnv``)."""
+    flag = Path(tempfile.mkdtemp()) / "slow.flag"
+    saved = os.environ.get(SLOW_FLAG_ENV)
+    os.environ[SLOW_FLAG_ENV] = str(flag)
+    flag.touch()
+    try:
+        yield
+    finally:
+        flag.unlink()
+        flag.parent.rmdir()
+        if saved is None:
+            os.environ.pop(SLOW_FLAG_ENV)
+        else:
+            os.environ[SLOW_FLAG_ENV] = saved
 
 
 class RayEnv(NamedTuple):

@@ -1,5 +1,9 @@
 """``featup precompute`` through the CLI: dry run, refusals, a full run, --max-errors (on a shard read with credentials
-that must stay out of the store and off the screen), and a driver killed mid-run."""
+that must stay out of the store and off the screen), a driver killed mid-run, two jobs started together.
+
+Commands whose subject is the CLI run in this process with ``--in-process`` (no Ray); the killed driver runs in its own
+process on its own embedded Ray, as a user's command would.
+"""
 
 import json
 import os
@@ -24,15 +28,34 @@ TINY = ["--backbone", helpers.TINY_BACKBONE, "--weights", "random", "--image-siz
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory, ray_env):
-    """The run's local Ray, the tiny backbone module, the slow flag path and four good shards."""
+def env(tmp_path_factory, tiny_modules):
+    """The tiny backbone module (importable here), a slow flag path for child jobs and four good shards."""
     root = tmp_path_factory.mktemp("precompute-cli")
     corpus.make_good_shards(root / "in", n_shards=4, per_shard=5)
-    return {"root": root, "flag": ray_env.flag, "modules": ray_env.modules, "pattern": str(root / "in" / "shard-{000000..000003}.tar")}
+    return {"root": root, "flag": root / "slow.flag", "modules": tiny_modules,
+            "pattern": str(root / "in" / "shard-{000000..000003}.tar")}
+
+
+# ``featup ARGS``, then whether Ray was imported on the way
+NO_RAY = ("import sys; from jobs.cli import main; code = main(sys.argv[1:]); "
+          "print('ray imported:', 'ray' in sys.modules, file=sys.stderr); sys.exit(code)")
 
 
 def _cli(*args):
-    return main(["precompute", *map(str, args)])
+    """``featup precompute ARGS --in-process`` in this process, on one torch thread (two oversubscribe a loaded 2-core
+    machine, 10x slower)."""
+    return main(["precompute", *map(str, args), "--in-process", "--cpus-per-actor", "1"])
+
+
+def test_in_process_refuses_a_cluster_and_more_than_one_actor(env, tmp_path, capsys):
+    out = tmp_path / "out.zarr"
+    assert _cli(env["pattern"], "--output", out, *TINY, "--actors", "2") == 2
+    err = capsys.readouterr().err
+    assert "featup: error: --in-process: expected --actors 1 (one worker in this process), got --actors 2" in err
+    assert _cli(env["pattern"], "--output", out, *TINY, "--address", "auto") == 2
+    assert ("featup: error: --in-process: expected no --address (it computes in this process, without Ray), got --address auto"
+            in capsys.readouterr().err)
+    assert not out.exists()
 
 
 def test_dry_run_prints_the_plan_and_writes_nothing(env, tmp_path, capsys):
@@ -63,7 +86,8 @@ def test_an_incompatible_store_is_refused_naming_the_differences_and_overwrite_s
     assert first["backbone_weights"] == "random" and first["featup_version"] and first["created_at"] and first["pca"] is None
     summary = capsys.readouterr().out  # the end of the run on screen: a summary, the whole report stays in report.json
     assert summary.startswith("featup precompute: complete in ") and "20 ok, 0 failed of 20" in summary
-    assert "images/s" in summary and f"store     {out}" in summary and f"report    {out}/_featup/run/report.json" in summary
+    assert "images/s" in summary and "(1 worker in this process, no Ray, 0 shard retries)" in summary
+    assert f"store     {out}" in summary and f"report    {out}/_featup/run/report.json" in summary
     assert "{" not in summary
 
     assert _cli(env["pattern"], "--output", out, *TINY, "--dtype", "float16", "--upsampler", "bilinear") == 2
@@ -74,6 +98,7 @@ def test_an_incompatible_store_is_refused_naming_the_differences_and_overwrite_s
     assert _cli(env["pattern"], "--output", out, *TINY, "--upsampler", "bilinear", "--overwrite", "--json") == 0
     report = json.loads(capsys.readouterr().out)
     assert report["status"] == "complete" and report["samples"]["ok"] == 20
+    assert report["actors"]["mode"] == "in-process" and report["config"]["in_process"] is True
     assert FeatureStore.open(str(out), mode="r").attrs["upsampler"] == "bilinear"
 
 
@@ -115,7 +140,7 @@ def test_driver_killed_mid_run_then_the_rerun_finishes_it(env, tmp_path, capsys)
     reference = helpers.tiny_config(shards, tmp_path / "reference.zarr", batch_size=1, save_lowres=False, dtype="float16")
     helpers.reference_store(reference)
 
-    child_env = {**os.environ, "PYTHONPATH": str(env["modules"]), helpers.SLOW_FLAG_ENV: str(env["flag"]), "HF_HUB_OFFLINE": "1"}
+    child_env = {**os.environ, "PYTHONPATH": _pythonpath(env), helpers.SLOW_FLAG_ENV: str(env["flag"]), "HF_HUB_OFFLINE": "1"}
     child_env.pop("RAY_AUTH_MODE", None)  # as a user's shell has it: the job's embedded Ray must not print its notice
     env["flag"].touch()
     log = tmp_path / "driver.log"
@@ -176,6 +201,11 @@ def test_two_commands_started_together_on_a_new_output_one_runs_the_other_is_ref
                                f"(host {socket.gethostname()}, pid {jobs[winner].pid}, last heartbeat "), lines[0]
 
 
+def _pythonpath(env) -> str:
+    """A child job's PYTHONPATH: the tiny module's folder, then this process's (the checkout under test stays first)."""
+    return os.pathsep.join(filter(None, [str(env["modules"]), os.environ.get("PYTHONPATH")]))
+
+
 def _stop_group(pgid: int, grace_s: float = 5.0) -> None:
     """Waits for the killed driver's own Ray processes to exit; kills those left after ``grace_s`` (Ray leaves its node agents)."""
     deadline = time.monotonic() + grace_s
@@ -191,7 +221,8 @@ def _stop_group(pgid: int, grace_s: float = 5.0) -> None:
 def test_a_run_from_a_published_name_equals_the_published_math(env, tmp_path):
     """``--checkpoint featup:dino16`` alone: the backbone implied, the checkpoint downloaded from the hub (a local
     server here) with its backbone under model.0 in the DINO featurizer's layout, features equal to the published
-    math (backbone -> channel norm -> the published JBU stack's arithmetic)."""
+    math (backbone -> channel norm -> the published JBU stack's arithmetic). The command runs ``--in-process`` in its
+    own process, which checks that such a run never imports Ray."""
     import functools
     import http.server
     import threading
@@ -222,13 +253,14 @@ def test_a_run_from_a_published_name_equals_the_published_math(env, tmp_path):
                  "TORCH_HOME": str(tmp_path / "torch"), "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
     try:
         done = subprocess.run(
-            [sys.executable, "-m", "jobs.cli", "precompute", shard, "--output", str(out), "--checkpoint", "featup:dino16",
-             "--image-size", "112", "--dtype", "float32", "--kernel-backend", "eager", "--batch-size", "2"],
+            [sys.executable, "-c", NO_RAY, "precompute", shard, "--output", str(out), "--checkpoint", "featup:dino16",
+             "--image-size", "112", "--dtype", "float32", "--kernel-backend", "eager", "--batch-size", "2", "--in-process"],
             env=child_env, capture_output=True, text=True, timeout=600)
     finally:
         httpd.shutdown()
         httpd.server_close()
     assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stderr.strip().endswith("ray imported: False"), done.stderr[-3000:]
     reader = open_features(str(out))
     assert reader.attrs["backbone"] == "dino16" and reader.attrs["checkpoint"] == "featup:dino16"
     assert reader.attrs["backbone_weights"].startswith("checkpoint:")  # one download gave the whole model
@@ -252,7 +284,7 @@ def test_cuda_on_a_machine_without_one_is_refused_before_ray_starts(env, tmp_pat
     which every Ray start fills, stays empty)."""
     ray_tmp = tmp_path / "ray-tmp"
     ray_tmp.mkdir()
-    child_env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "RAY_TMPDIR": str(ray_tmp), "PYTHONPATH": str(env["modules"])}
+    child_env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "RAY_TMPDIR": str(ray_tmp), "PYTHONPATH": _pythonpath(env)}
     done = subprocess.run(
         [sys.executable, "-m", "jobs.cli", "precompute", env["pattern"], "--output", str(tmp_path / "out.zarr"), *TINY,
          "--device", "cuda"], env=child_env, capture_output=True, text=True, timeout=300)
@@ -275,8 +307,9 @@ def test_a_successor_read_from_a_url_runs_on_the_actors_and_the_store_records_it
     shard = str(env["root"] / "in" / "shard-000000.tar")
     out = tmp_path / "naf.zarr"
     with successors.file_server(tmp_path / "served") as server:
-        code = _cli(shard, "--output", out, "--backbone", helpers.TINY_BACKBONE, "--weights", "random", "--image-size",
-                    successors.NAF_MIN_SIZE, "--dtype", "float32", "--upsampler", "naf", "--checkpoint", server.url + "naf.pth")
+        code = main(["precompute", shard, "--output", str(out), "--backbone", helpers.TINY_BACKBONE, "--weights", "random",
+                     "--image-size", str(successors.NAF_MIN_SIZE), "--dtype", "float32", "--upsampler", "naf",
+                     "--checkpoint", server.url + "naf.pth"])  # on the run's Ray: the actors read the weights too
     assert code == 0 and "/naf.pth" in server.gets()
     reader = open_features(str(out))
     attrs = reader.attrs
