@@ -256,7 +256,7 @@ class FeatureStore:
         """Deletes a shard's commit marker, so a run computes it again (its old index file is replaced at the commit)."""
         self._require_writable()
         path = self._path(self.layout.commit_name(shard_index))
-        self._call(f"un-commit shard {shard_index}: delete", path, _remove, self.fs, path)
+        self._call(f"un-commit shard {shard_index}: delete", path, _remove_file, self.fs, path)
 
     def committed_shards(self) -> set[int]:
         """Indexes of the shards whose commit marker exists."""
@@ -490,6 +490,13 @@ def _check_json(what: str, value: dict) -> None:
 
 def _json_roundtrip(value: Any) -> Any:
     return json.loads(json.dumps(value))
+
+
+def _remove_file(fs: fsspec.AbstractFileSystem, path: str) -> None:
+    try:
+        fs.rm_file(path)
+    except FileNotFoundError:  # a retry after the deletion went through
+        pass
 
 
 def _json_bytes(value: dict) -> bytes:

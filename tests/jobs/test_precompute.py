@@ -173,7 +173,7 @@ def test_driver_killed_mid_run_then_the_rerun_finishes_it(env, tmp_path, capsys)
         _stop_group(driver.pid)
 
 
-def test_two_commands_started_together_on_a_new_output_one_runs_the_other_is_refused(env, tmp_path):
+def test_two_commands_started_together_on_a_new_output_one_runs_the_other_is_refused(env, ray_env, tmp_path):
     """Two ``featup precompute`` with different settings, started at the same moment on a new output (joining this
     module's Ray): one creates the store and runs to the end, the other is refused with one line naming the holder."""
     import ray
@@ -295,7 +295,7 @@ def test_cuda_on_a_machine_without_one_is_refused_before_ray_starts(env, tmp_pat
     assert not (tmp_path / "out.zarr").exists()
 
 
-def test_a_successor_read_from_a_url_runs_on_the_actors_and_the_store_records_it(env, tmp_path):
+def test_a_successor_read_from_a_url_runs_on_the_actors_and_the_store_records_it(env, ray_env, tmp_path):
     """``--upsampler naf --checkpoint http://...``: the driver and the Ray actors read the weights from the URL; the
     store records the kind, the URL and the file's sha256 and the normalisation the guidance image was given in."""
     import hashlib
