@@ -26,6 +26,8 @@ from pipeline.runtime.retry import TransientIOError
 from pipeline.precompute.pool import MAX_START_FAILURES, ActorPool, Slot, first_line
 from pipeline.precompute.config import PrecomputeConfig
 from pipeline.precompute.extract import Projection
+from pipeline.precompute.compact import compact_attrs, compact_notes, ensure_upsampler, stored_upsampler
+from pipeline.store.compact import UPSAMPLER_NODE, write_upsampler
 from pipeline.precompute.plan import COMPAT_KEYS, Plan, plan_keys, estimate_bytes, fit_projection, format_plan, make_plan
 from pipeline.runtime.progress import ProgressBar, precompute_postfix
 from pipeline.runtime.ray_session import ray_session
@@ -102,13 +104,11 @@ def open_store(plan: Plan, run_id: str, err: TextIO):
     if FeatureStore.exists(c.output, options, retry=c.retry) and not c.overwrite:
         store = FeatureStore.open(c.output, options, retry=c.retry)
         store.acquire_lock(run_id, heartbeat_s=HEARTBEAT_S)  # refuses while another job runs, before anything is read or written
-        try:
-            check_compatible(store.attrs, plan.attrs, COMPAT_KEYS)
-        except Exception:
-            store.release_lock()
-            raise
+        _checked(store, lambda: check_compatible(store.attrs, plan.attrs, COMPAT_KEYS))
         committed = store.committed_shards() & {s.index for s in plan.shards}
         projection = Projection.from_attrs(store.attrs["pca"]) if c.channels else None
+        if c.compact:
+            _checked(store, lambda: ensure_upsampler(store, stored_upsampler(plan.extractor, projection)))
         print(
             f"featup: resuming {c.output}: {len(committed)} of {len(plan.shards)} shards already committed and skipped, "
             f"{len(plan.shards) - len(committed)} to compute",
@@ -116,13 +116,27 @@ def open_store(plan: Plan, run_id: str, err: TextIO):
         )
         return store, committed, projection, False
     projection = fit_projection(plan) if c.channels else None
-    attrs = {**plan.attrs, "pca": projection.to_attrs() if projection else None}
+    upsampler = stored_upsampler(plan.extractor, projection) if c.compact else None
+    attrs = {**plan.attrs, "pca": projection.to_attrs() if projection else None,
+             **(compact_attrs(upsampler[0]) if upsampler else {})}
     store = FeatureStore.create(
         c.output, num_rows=plan.num_rows, arrays=plan.arrays, attrs=attrs, storage_options=options, overwrite=c.overwrite,
-        keys=plan_keys(plan), retry=c.retry, codec=c.storage_codec,
+        keys=plan_keys(plan), retry=c.retry, codec=c.storage_codec, side_nodes=(UPSAMPLER_NODE,) if upsampler else (),
+        notes=compact_notes() if upsampler else None,
     )
     store.acquire_lock(run_id, heartbeat_s=HEARTBEAT_S)
+    if upsampler is not None:  # before any row: a compact store is never without its upsampler once rows exist
+        _checked(store, lambda: write_upsampler(store, *upsampler))
     return store, set(), projection, True
+
+
+def _checked(store, step) -> None:
+    """Runs ``step`` on a locked store; on any error the lock is released before it is raised."""
+    try:
+        step()
+    except Exception:
+        store.release_lock()
+        raise
 
 
 def _existing_commits(plan: Plan) -> set[int] | None:
