@@ -82,6 +82,7 @@ class PrecomputeConfig:
     keep_bits: int | None = None  # float16 mantissa bits kept (1..10) before the lossless codec (lossy)
     tile: int | None = 64  # side of the spatial inner chunks of each sample's shard (crops read only their tiles)
     compact: bool = False  # store the upsampler's input (lowres + image) and the upsampler, not the features
+    materialize_from: str | None = None  # featup materialize: the compact store whose features this job computes
     max_pixels: int = 64_000_000
     overwrite: bool = False
     dry_run: bool = False

@@ -59,11 +59,19 @@ def run_precompute(
         from pipeline.precompute.plan import implicit_notice
 
         print(implicit_notice(plan), file=err)
+    return run_plan(plan, out=out, err=err, json_output=json_output)
+
+
+def run_plan(plan: Plan, *, out: TextIO, err: TextIO, json_output: bool = False, worker: type | None = None) -> int:
+    """Opens or resumes the plan's store under a lock, computes its uncommitted shards on actors of ``worker`` (default:
+    precompute's), writes the report and prints the summary; returns the process exit code."""
+    config = plan.config
     run_id = uuid.uuid4().hex
     store, committed, projection, clean = open_store(plan, run_id, err)
     try:
         with LockHeartbeat(store) as heartbeat:
-            driver = Driver(plan, store, committed, projection, clean=clean, run_id=run_id, err=err, heartbeat=heartbeat)
+            driver = Driver(plan, store, committed, projection, clean=clean, run_id=run_id, err=err, heartbeat=heartbeat,
+                            worker=worker)
             with ray_session(config.address, _local_cpus(config)) if driver.queue else nullcontext():
                 report = driver.run()
             _write_report(store, report, err)
@@ -115,7 +123,7 @@ def open_store(plan: Plan, run_id: str, err: TextIO):
             file=err,
         )
         return store, committed, projection, False
-    projection = fit_projection(plan) if c.channels else None
+    projection = plan.projection if plan.projection is not None else (fit_projection(plan) if c.channels else None)
     upsampler = stored_upsampler(plan.extractor, projection) if c.compact else None
     attrs = {**plan.attrs, "pca": projection.to_attrs() if projection else None,
              **(compact_attrs(upsampler[0]) if upsampler else {})}
@@ -172,10 +180,10 @@ class Driver:
 
     def __init__(
         self, plan: Plan, store, committed: set[int], projection: Projection | None, *, clean: bool, run_id: str, err: TextIO,
-        heartbeat: LockHeartbeat | None = None,
+        heartbeat: LockHeartbeat | None = None, worker: type | None = None,
     ) -> None:
         self.plan, self.store, self.projection, self.run_id, self.err = plan, store, projection, run_id, err
-        self.heartbeat = heartbeat
+        self.heartbeat, self.worker = heartbeat, worker
         config = plan.config
         self.queue = deque(
             ShardTask(shard, offset, clean=clean, duplicates=plan.duplicates.get(shard.index, {}))
@@ -198,7 +206,8 @@ class Driver:
             if self.queue:
                 config = self.plan.config
                 self.pool = ActorPool(
-                    config, actor_resources(config), projection=self.projection, run_id=self.run_id, prefix=ACTOR_PREFIX, err=self.err
+                    config, actor_resources(config), projection=self.projection, run_id=self.run_id, prefix=ACTOR_PREFIX, err=self.err,
+                    worker=self.worker,
                 )
                 self._loop(self.pool)
             self.progress.set(self.total.samples, self._postfix())  # drawn once more by close()

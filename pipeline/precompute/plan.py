@@ -47,6 +47,9 @@ class Plan:
     # shard index -> {position in the shard: reason} for the second and later occurrences of a key
     duplicates: dict[int, dict[int, str]] = field(default_factory=dict)
     encode_rate: float | None = None  # MB/s of raw arrays one core encodes (measured by estimate_bytes)
+    projection: Projection | None = None  # a --channels projection known before the run (materialize: the source's)
+    rows: int | None = None  # rows of the store when the shards do not cover them all (materialize: committed ones only)
+    row_keys: list[str] | None = None  # the key of every row in that case
 
     @property
     def num_duplicates(self) -> int:
@@ -54,6 +57,8 @@ class Plan:
 
     @property
     def num_rows(self) -> int:
+        if self.rows is not None:
+            return self.rows
         return self.offsets[-1] + self.shards[-1].num_samples if self.shards else 0
 
 
@@ -76,6 +81,8 @@ def make_plan(config: PrecomputeConfig, command_line: Sequence[str] = ()) -> Pla
 
 def plan_keys(plan: Plan) -> list[str]:
     """Every row's sample key in row order (a broken shard's placeholder row has the empty key)."""
+    if plan.row_keys is not None:
+        return list(plan.row_keys)
     return [key for shard in plan.shards for key in shard.keys]
 
 

@@ -2,7 +2,7 @@
 
 Compared row by row through the reader: whole maps, crops, channel subsets, PCA channels, bilinear, DataLoader workers,
 ``upsample=False`` batches through the stored upsampler, S3; an altered upsampler is refused by name; resume and
---overwrite; probe, show and inspect work on it.
+--overwrite; ``materialize`` (in-process workers) writes the full store; probe, show and inspect work on it.
 """
 
 import io
@@ -165,6 +165,23 @@ def test_compact_store_on_s3_reads_as_the_local_one(env, s3_server, one_torch_th
     remote, expected = _reader(config.output, **options), _reader(local.output)
     for i in range(len(expected)):
         assert torch.equal(remote[i]["features"], expected[i]["features"])
+
+
+def test_materialize_writes_the_full_store_of_the_same_command(env, tmp_path):
+    from pipeline.precompute.materialize import MaterializeWorker, make_materialize_plan, materialize_config
+    from pipeline.precompute.worker import ShardTask
+
+    full_config, compact_config = _pair(env, "pca", channels=4)
+    config = materialize_config(compact_config.output, str(tmp_path / "full.zarr"), kernel_backend="eager", batch_size=3)
+    plan = make_materialize_plan(config)
+    store, _, projection, _ = open_store(plan, "materialize", io.StringIO())
+    try:
+        worker = MaterializeWorker(config, projection=projection, torch_threads=1)
+        for shard, offset in zip(plan.shards, plan.offsets):
+            worker.process_shard(ShardTask(shard, offset))
+    finally:
+        store.release_lock()
+    helpers.assert_materialized(full_config.output, config.output, TOLERANCE)
 
 
 def test_probe_show_and_inspect_on_a_compact_store(env, one_torch_thread):
