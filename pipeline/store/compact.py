@@ -168,7 +168,7 @@ class StoredUpsampler(nn.Module):
     @property
     def input_channels(self) -> tuple[int, ...] | None:
         """The low-res channels the module takes: None for every channel, else those selected."""
-        return None if self.channels is None or needs_all_channels(self.inner) else self.channels
+        return input_channels(self.inner, self.channels)
 
     def guidance(self, image: torch.Tensor) -> torch.Tensor:
         """uint8 RGB -> normalised float32, the same operations as the pipeline's preprocessing (``/ 255``, ``- mean``,
@@ -184,6 +184,11 @@ class StoredUpsampler(nn.Module):
         return upsample_window(self.inner, lowres.to(self.mean.device, dtype), guide, self.plan, origins, self.channels)
 
 
+def input_channels(inner: nn.Module, channels: Sequence[int] | None) -> tuple[int, ...] | None:
+    """The low-res channels ``inner`` needs for output ``channels``: None (every one) when it mixes them."""
+    return None if channels is None or needs_all_channels(inner) else tuple(int(c) for c in channels)
+
+
 class CompactSource:
     """The reading side of a compact store: its verified upsampler, and the windows a crop of ``features`` reads."""
 
@@ -191,6 +196,7 @@ class CompactSource:
         self.record, self.state, self.channels, self.backend = record, state, channels, backend
         self._inner: nn.Module | None = None  # built once per process (__getstate__ drops it)
         self._plans: dict[tuple[int, int] | None, CropPlan] = {}
+        self._modules: dict[tuple, StoredUpsampler] = {}
 
     @classmethod
     def open(cls, store: Any, channels: int, backend: str = KERNEL_BACKEND) -> CompactSource:
@@ -198,6 +204,9 @@ class CompactSource:
         if found is None:
             raise InputError(f"store {store.url}: expected a compact store with its upsampler in _featup/{UPSAMPLER_NODE}/, "
                              "got none (the job that created it stopped before writing it: rerun it to resume)")
+        if found[0].dim != channels:
+            raise InputError(f"store {store.url}: expected a stored upsampler of the low-res features' {channels} channels, "
+                             f"got one of {found[0].dim}")
         return cls(*found, channels, backend)
 
     @property
@@ -232,8 +241,7 @@ class CompactSource:
         top, left, height, width = self.plan(crop).lowres_box(origin)
         r = self.record
         fy, fx = r.image_size[0] // r.lowres_size[0], r.image_size[1] // r.lowres_size[1]
-        wanted = StoredUpsampler(r, self._module(), self.plan(crop), channels).input_channels
-        lowres = read(r.input_array, (top, left, height, width), wanted)  # (C', h', w')
+        lowres = read(r.input_array, (top, left, height, width), input_channels(self._module(), channels))  # (C', h', w')
         image = read(r.guidance_array, (top * fy, left * fx, height * fy, width * fx), None)  # (H', W', 3)
         return {"lowres": torch.from_numpy(lowres.astype(np.float32, copy=False)),
                 "image": torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))),
@@ -242,9 +250,23 @@ class CompactSource:
     def features(self, inputs: dict[str, Any], box: tuple[int, int, int, int] | None, channels: Sequence[int] | None) -> torch.Tensor:
         """(K, h, w) float32 features of one sample from its ``inputs`` windows, on the CPU."""
         crop = None if box is None else (box[2], box[3])
-        module = StoredUpsampler(self.record, self._module(), self.plan(crop), channels)
+        key = (crop, None if channels is None else tuple(channels))
+        if key not in self._modules:
+            self._modules[key] = StoredUpsampler(self.record, self._module(), self.plan(crop), channels)
         with torch.inference_mode():
-            return module(inputs["lowres"][None], inputs["image"][None], inputs["origin"][None])[0]
+            return self._modules[key](inputs["lowres"][None], inputs["image"][None], inputs["origin"][None])[0]
+
+    def image_crop(self, inputs: dict[str, Any], box: tuple[int, int, int, int] | None,
+                   image_box: tuple[int, int, int, int] | None) -> torch.Tensor:
+        """The image over ``image_box`` (the crop at the image's resolution), cut from the guidance window already read."""
+        window = inputs["image"]  # (3, H', W'), the guidance over the low-res window of the crop at ``box``
+        if image_box is None:
+            return window
+        r = self.record
+        top, left, _, _ = self.plan(None if box is None else (box[2], box[3])).lowres_box(tuple(inputs["origin"].tolist()))
+        y0 = image_box[0] - top * (r.image_size[0] // r.lowres_size[0])
+        x0 = image_box[1] - left * (r.image_size[1] // r.lowres_size[1])
+        return window[:, y0 : y0 + image_box[2], x0 : x0 + image_box[3]]
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "_inner": None, "_plans": {}}
+        return {**self.__dict__, "_inner": None, "_plans": {}, "_modules": {}}

@@ -142,12 +142,16 @@ class FeatureReader:
         boxes = self._crop_boxes(generator) if self.options.crop else {}
         store = self._open()
         out: dict[str, Any] = {"key": self.keys[i], "row": row}
-        windows = self.compact is not None and not upsample
+        inputs = None  # a compact store's low-res and guidance windows (features come first)
         for name in self.array_names:
             if name == "features" and self.compact is not None:
-                out.update(self._compact_features(store, row, boxes.get(name), upsample))
+                inputs = self._compact_inputs(store, row, boxes.get(name))
+                out.update(self._compact_features(inputs, boxes.get(name), upsample))
                 continue
-            if windows and name in ("lowres", "image"):  # the upsampler's windows take their place
+            if inputs is not None and name in ("lowres", "image") and not upsample:
+                continue  # the upsampler's windows take their place
+            if inputs is not None and name == "image":  # cut from the guidance window already read
+                out[name] = self.compact.image_crop(inputs, boxes.get("features"), boxes.get(name))
                 continue
             value = store_call(self.retry, f"read row {row} of", f"{self.url}/{name}", _read, store.array(name), name, row,
                                boxes.get(name), self.options.channels, writing=False)
@@ -157,14 +161,17 @@ class FeatureReader:
             out[name] = _to_tensor(name, value)
         return out
 
-    def _compact_features(self, store: FeatureStore, row: int, box: tuple[int, int, int, int] | None,
-                          upsample: bool) -> dict[str, torch.Tensor]:
-        """A compact store's features of ``row`` (cropped to ``box``), or with ``upsample`` False the windows they need."""
+    def _compact_inputs(self, store: FeatureStore, row: int, box: tuple[int, int, int, int] | None) -> dict[str, torch.Tensor]:
+        """The low-res and guidance windows the features of ``row`` (cropped to ``box``) are upsampled from."""
         def read(name: str, window: tuple[int, int, int, int], channels: tuple[int, ...] | None) -> np.ndarray:
             return store_call(self.retry, f"read row {row} of", f"{self.url}/{name}", _read, store.array(name), name, row,
                               window, channels, writing=False)
 
-        inputs = self.compact.inputs(read, box, self.options.channels)
+        return self.compact.inputs(read, box, self.options.channels)
+
+    def _compact_features(self, inputs: dict[str, torch.Tensor], box: tuple[int, int, int, int] | None,
+                          upsample: bool) -> dict[str, torch.Tensor]:
+        """A compact store's features (cropped to ``box``), or with ``upsample`` False the windows they need."""
         if not upsample:
             return inputs if box is not None else {k: v for k, v in inputs.items() if k != "origin"}
         return {"features": self.compact.features(inputs, box, self.options.channels)}

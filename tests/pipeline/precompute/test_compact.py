@@ -79,7 +79,7 @@ def test_compact_store_serves_the_features_of_the_full_store(env, name, settings
     for i in range(len(full)):  # the same generator draws the same crop in both
         expected, got = (r.get(i, torch.Generator().manual_seed(i)) for r in crops)
         _assert_close(got["features"], expected["features"])
-        assert torch.equal(got["seg.png"], expected["seg.png"])
+        assert torch.equal(got["seg.png"], expected["seg.png"]) and torch.equal(got["image"], expected["image"])
     # upsample=False: the windows, upsampled in a batch by the stored upsampler, give the same crops
     batch = next(iter(torch.utils.data.DataLoader(crops[1].torch_dataset(crop=8, channels=channels, upsample=False),
                                                   batch_size=4)))
@@ -90,6 +90,18 @@ def test_compact_store_serves_the_features_of_the_full_store(env, name, settings
         top, left = batch["origin"][b].tolist()
         whole = full[full.rows.tolist().index(row)]["features"]
         _assert_close(features[b], whole[channels, top : top + 8, left : left + 8])
+
+
+def test_crops_of_a_larger_map_read_a_window_of_the_low_res_features(env, one_torch_thread):
+    full_config, compact_config = _pair(env, "large", image_size=160)  # 20x20 low-res: a 16 crop needs 18x18 of it
+    full, compact = _reader(full_config.output), _reader(compact_config.output)
+    assert compact.compact.plan((16, 16)).lengths[0] == (18, 18)
+    views = full.select(crop=16, channels=[5, 9]), compact.select(crop=16, channels=[5, 9])
+    for i in range(len(full)):
+        for seed in range(3):  # crops at several places, the image cut from the guidance window read for them
+            expected, got = (v.get(i, torch.Generator().manual_seed(seed)) for v in views)
+            _assert_close(got["features"], expected["features"])
+            assert torch.equal(got["image"], expected["image"]) and torch.equal(got["seg.png"], expected["seg.png"])
 
 
 def test_dataloader_workers_upsample_the_same_crops_as_the_full_store(env, one_torch_thread):
