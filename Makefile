@@ -1,6 +1,7 @@
 # Two entry points, each self-contained on a fresh machine with Python 3.11:
 #   make demo   set up .venv and run the main job (featup precompute) on shards of sample photos, offline
 #   make test   set up .venv and run the whole test suite
+#   make docs   build the documentation site (mkdocs, into site/); make docs-serve serves it on localhost:8000
 # Both install the one resolved set in constraints.txt; `make lock` regenerates it after a change to pyproject.toml.
 PYTHON ?= python3.11
 VENV ?= .venv
@@ -11,7 +12,7 @@ LOCK_TOOLS := $(VENV)/lock-tools
 PIP_TOOLS := pip-tools==7.6.2
 LOCK_OPTS := --all-extras --strip-extras --allow-unsafe --no-emit-index-url --no-emit-find-links --output-file=$(CONSTRAINTS)
 
-.PHONY: demo test bench lock clean
+.PHONY: demo test coverage bench docs docs-serve lock clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -21,7 +22,7 @@ $(BIN)/python:
 # torch and torchvision are pinned there (and in pyproject.toml); pip takes them from the machine's local wheels when present.
 # --no-compile: modules are byte-compiled when first imported instead of all ~19k files up front (install 3.6 -> 2.2 min here).
 $(VENV)/.installed: pyproject.toml $(CONSTRAINTS) | $(BIN)/python
-	$(BIN)/python -m pip install --quiet --no-compile -c $(CONSTRAINTS) -e '.[pipeline,test,demo]'
+	$(BIN)/python -m pip install --quiet --no-compile -c $(CONSTRAINTS) -e '.[pipeline,test,demo,docs]'
 	touch $@
 
 demo: $(VENV)/.installed
@@ -29,6 +30,19 @@ demo: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(BIN)/python -m pytest
+
+# Line coverage of featup/, pipeline/ and jobs/, CLI subprocesses and Ray workers included (pyproject's [tool.coverage]):
+# a summary on screen and an HTML report in coverage-html/.
+coverage: $(VENV)/.installed
+	rm -rf .coverage .coverage.* coverage-html
+	$(BIN)/python -m pytest --cov --cov-report=term:skip-covered --cov-report=html:coverage-html
+
+# --strict: a broken link, a missing page or an API reference that does not resolve fails the build (the test suite runs it too).
+docs: $(VENV)/.installed
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
+
+docs-serve: $(VENV)/.installed
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs serve
 
 bench: $(VENV)/.installed
 	$(BIN)/python bench/bench_jbu.py
@@ -48,4 +62,4 @@ lock:
 		$(LOCK_TOOLS)/bin/pip-compile --quiet $(LOCK_OPTS) $(LOCK_ARGS) pyproject.toml
 
 clean:
-	rm -rf $(VENV) $(DEMO_OUT) .pytest_cache
+	rm -rf $(VENV) $(DEMO_OUT) site .pytest_cache .coverage .coverage.* coverage-html

@@ -1,11 +1,13 @@
 """The published FeatUp checkpoints: their names, URLs and local cache, and the one download path of ``featup/``.
 
 Kept apart from ``featup.hub`` (the torch.hub-like ``load``), which builds models: backbones and the checkpoint
-loader use these names without importing the model code that uses them.
+loader use these names without importing the model code that uses them. Each cached file has its sha256 beside it
+(``<file>.sha256``, written at download); a file that no longer matches is downloaded again, or refused offline.
 """
 
 from __future__ import annotations
 
+import hashlib
 import http.client
 import os
 import sys
@@ -15,6 +17,7 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -29,6 +32,7 @@ FILE_NAME = "{model}_jbu_stack_cocostuff.ckpt"
 PROBE_TIMEOUT_S = 3.0  # a HEAD request gets this long to be answered before we call the host unreachable
 READ_TIMEOUT_S = 60.0  # longest stall between two chunks of a download that has started
 _CHUNK = 1 << 20
+SHA256_SUFFIX = ".sha256"  # the digest of each cached file, recorded at its download
 
 
 @dataclass(frozen=True)
@@ -146,10 +150,26 @@ def resolve_backbone(backbone: str | None, checkpoint: str | None) -> str | None
 
 
 def fetch(name: str, *, progress: bool = True) -> Path:
-    """The local file of checkpoint ``name``: from the cache, or downloaded there first (the only request made)."""
+    """The local file of checkpoint ``name``: from the cache, or downloaded there first (the only request made).
+
+    A cached file must still match the sha256 recorded beside it at download (``<file>.sha256``): one changed on
+    disk since is downloaded again, or refused with its path when the hub cannot be reached.
+    """
     ckpt = parse(name)
     path = ckpt.cache_path
     if path.is_file():
+        changed = cache_change(path)
+        if changed is None:
+            return path
+        reason = unreachable(ckpt.url)
+        if reason is not None:
+            raise CheckpointError(
+                f"cached checkpoint {path} {changed}, and {ckpt.url} cannot be reached ({reason}) to download it again: "
+                f"delete {path} and run again where there is network, or pass --checkpoint PATH"
+            )
+        if progress:
+            print(f"featup: cached checkpoint {path} {changed}; downloading it again", file=sys.stderr)
+        download(ckpt.url, path, progress=progress)
         return path
     reason = unreachable(ckpt.url)
     try:
@@ -162,6 +182,51 @@ def fetch(name: str, *, progress: bool = True) -> Path:
             f"and put it at {path}, or pass --checkpoint PATH"
         ) from None
     return path
+
+
+def sidecar_path(path: Path) -> Path:
+    """``<file>.sha256``: the digest of a cached checkpoint as downloaded, in ``sha256sum`` format."""
+    return path.with_name(path.name + SHA256_SUFFIX)
+
+
+def file_sha256(path: Path) -> str:
+    """The hex sha256 of a file, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def cache_change(path: Path, actual: str | None = None) -> str | None:
+    """None when the cached ``path`` matches its sidecar, else how it differs (one phrase); ``actual``: its sha256,
+    when the caller has it already.
+
+    A file without a sidecar (put there by hand, as the offline error suggests, or cached by an older version) is
+    taken as it is: its digest is recorded now, so a later change is seen.
+    """
+    sidecar = sidecar_path(path)
+    actual = actual or file_sha256(path)
+    try:
+        recorded = sidecar.read_text().split()[0] if sidecar.is_file() else None
+    except (OSError, IndexError):
+        recorded = ""
+    if recorded is None:
+        write_sidecar(path, actual)
+        return None
+    if recorded == actual:
+        return None
+    return (f"no longer matches the sha256 recorded at its download in {sidecar} "
+            f"({actual[:12]}... instead of {recorded[:12] or 'nothing'}...): it changed on disk")
+
+
+def write_sidecar(path: Path, digest: str) -> None:
+    """Writes ``<file>.sha256`` (a temp file renamed over it, so a reader never sees half of it)."""
+    sidecar = sidecar_path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{sidecar.name}.", suffix=".partial")
+    with os.fdopen(fd, "w") as f:
+        f.write(f"{digest}  {path.name}\n")
+    os.replace(tmp, sidecar)
 
 
 def resolve_checkpoint(spec: str, *, progress: bool = True) -> str:
@@ -192,8 +257,13 @@ def unreachable(url: str, timeout: float = PROBE_TIMEOUT_S) -> str | None:
     return outcome[0] if outcome else f"no answer within {timeout:g} s"
 
 
-def download(url: str, path: Path, *, progress: bool = True) -> None:
-    """Stream ``url`` to a temporary file next to ``path``, check it is a whole checkpoint, then rename it to ``path``."""
+def download(url: str, path: Path, *, progress: bool = True, check: Callable[[Path, str], None] | None = None) -> None:
+    """Stream ``url`` to a temporary file next to ``path``, check it is a whole checkpoint, record its sha256 beside
+    ``path`` (``<file>.sha256``), then rename it to ``path``.
+
+    ``check(tmp, url)`` raises CheckpointError for a file that must not be cached (default: ``check_checkpoint_file``,
+    a FeatUp checkpoint); other kinds of checkpoint pass their own (``featup.upsampler_hub``).
+    """
     from tqdm.auto import tqdm
 
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -212,7 +282,8 @@ def download(url: str, path: Path, *, progress: bool = True) -> None:
                 f"download of {url} is truncated: expected {expected} bytes (Content-Length), got {received}; "
                 f"nothing was cached, run again to retry"
             )
-        check_checkpoint_file(tmp, url)
+        (check or check_checkpoint_file)(tmp, url)
+        write_sidecar(path, file_sha256(tmp))  # first: a crash before the rename leaves a mismatch, fetched again
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

@@ -45,7 +45,20 @@ def build_parser(subcommands: dict[str, str] | None = None) -> argparse.Argument
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Parses ``argv`` and runs the subcommand; FeatUpErrors become one ``featup: error:`` line and exit code 2."""
+    """Parses ``argv`` and runs the subcommand; FeatUpErrors become one ``featup: error:`` line and exit code 2.
+
+    Everything the command prints goes through ``pipeline.runtime.secrets.masking``: the credentials of its command
+    line (``--storage-option``, ``--env``, credential URL parts) and of any URL it prints show as ``***``; the
+    subcommand gets the masked command line as ``args.command_line``.
+    """
+    from pipeline.runtime.secrets import masking
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    with masking(["featup", *argv]) as command_line:
+        return _main(argv, command_line)
+
+
+def _main(argv: list[str], command_line: list[str]) -> int:
     from pipeline.runtime.storage import quiet_abandoned_request_errors
 
     parser = build_parser()
@@ -54,6 +67,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as e:  # --help, --version and usage errors: argparse has printed what to say
         return e.code if isinstance(e.code, int) else EXIT_USAGE
+    args.command_line = command_line  # masked: what a store's provenance and a report may keep
     try:
         return int(args.run(args))
     except FeatUpError as e:  # bad input or settings (exit 2), or a fault that a rerun resumes past (its own code, 1)
@@ -62,6 +76,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("featup: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+
+
+def command_line_of(args: argparse.Namespace) -> list[str]:
+    """The masked command line of a parsed command (``main`` sets it), else this process's own, masked."""
+    from pipeline.runtime.secrets import mask_argv
+
+    return list(getattr(args, "command_line", None) or mask_argv(sys.argv))
 
 
 def positive_int(text: str) -> int:

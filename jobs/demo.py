@@ -17,7 +17,7 @@ import tarfile
 from pathlib import Path
 from typing import NamedTuple, Sequence
 
-from jobs.cli import EXIT_OK, positive_int
+from jobs.cli import EXIT_OK, command_line_of, positive_int
 
 VARIANTS = ("full", "flip", "left", "right", "top", "small")  # how each photo is turned into several samples
 
@@ -55,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
         image_size=args.image_size, save_image=True, save_lowres=True, actors=args.actors, device="cpu",
         batch_size=4, overwrite=True, kernel_backend=args.kernel_backend,
     )
-    code = run_precompute(config, command_line=list(sys.argv), json_output=args.json)
+    code = run_precompute(config, command_line=command_line_of(args), json_output=args.json)
     if code != EXIT_OK:
         return code
     png = args.out / "demo.png"

@@ -1,4 +1,4 @@
-"""Measure bilinear, a trained JBU and the implicit upsampler against known high-resolution features.
+"""Measure bilinear, a trained JBU and the implicit upsampler (and one of FeatUp's successors) against known features.
 
 Generates piecewise-textured images (a train and a held-out split) and a teacher backbone whose coarse
 features are the area means of a known per-pixel field, trains the JBU with train-jbu on the train
@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from featup.upsampler_hub import KINDS
 from jobs.cli import EXIT_FAILED, EXIT_OK, positive_int
 
 
@@ -34,6 +35,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the data, training and fits (default 0)")
     parser.add_argument("--device", default="cpu", help="cpu (default), auto or cuda[:N]")
     parser.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's own choice)")
+    parser.add_argument("--upsampler", default=None, choices=tuple(KINDS),
+                        help="also score this successor of FeatUp with published or given weights (see --checkpoint)")
+    parser.add_argument("--checkpoint", default=None,
+                        help="its weights: a published name (anyup, anyup:multi_backbone, naf; jafar:/loftup:/uplift:<backbone> fit "
+                             "only their backbone's channels), a path or a URL (default: its published weights)")
     parser.add_argument("--check", action="store_true", help="exit 1 when the targets are missed (JBU <= 0.75 x bilinear, implicit < JBU)")
 
 
@@ -47,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
         image_size=args.image_size, jbu_steps=args.jbu_steps, jbu_lr=args.jbu_lr, batch_size=args.batch_size,
         n_jitters=args.n_jitters, implicit_steps=args.implicit_steps, implicit_views=args.implicit_views,
         eval_views=args.eval_views, max_pad=args.max_pad, edge_radius=args.edge_radius, seed=args.seed, device=args.device,
-        threads=args.threads,
+        threads=args.threads, upsampler=args.upsampler, checkpoint=args.checkpoint,
     )
     report = run_evaluation(config)
     print(markdown_table(report), end="")

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
-from jobs.cli import positive_int
+from jobs.cli import command_line_of, positive_int
 from jobs.implicit_options import add_implicit_arguments, implicit_settings
+from jobs.models import CHECKPOINT_HELP, UPSAMPLER_HELP
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -14,10 +14,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("inputs", nargs="+", metavar="INPUT", help="WebDataset shards: paths or fsspec URLs, brace patterns allowed")
     parser.add_argument("--output", required=True, help="the Zarr store: a local path or fsspec URL (s3://bucket/features.zarr)")
     model = parser.add_argument_group("model")
-    model.add_argument("--backbone", default=None, help="dino16, dino8, dinov2, clip, clip-tokens, maskclip, vit, resnet50, timm:<name> or pkg.module:callable (default: the one a --checkpoint featup:<model> implies)")
+    model.add_argument("--backbone", default=None, help="dino16, dino8, dinov2, clip, clip-tokens, maskclip, vit, resnet50, timm:<name> or pkg.module:callable (default: the one a --checkpoint featup:<model>, jafar:, loftup: or uplift:<backbone> implies)")
     model.add_argument("--weights", default="auto", help="auto (the checkpoint's own backbone weights when it has them, else pretrained from the hub, cached), checkpoint, random (offline, meaningless) or a weights file/URL")
-    model.add_argument("--checkpoint", default=None, help="trained FeatUp JBU: featup:<model>[:no_norm] (published, downloaded once to $TORCH_HOME), a path or a URL")
-    model.add_argument("--upsampler", default="jbu", help="jbu (default), bilinear or implicit (fitted per image: slow)")
+    model.add_argument("--checkpoint", default=None, help=CHECKPOINT_HELP)
+    model.add_argument("--upsampler", default=None, help=UPSAMPLER_HELP + ", or implicit (fitted per image: slow)")
     model.add_argument("--image-size", type=positive_int, default=224, help="resize shorter side + centre crop size (default 224)")
     size = model.add_mutually_exclusive_group()
     size.add_argument("--scale", type=positive_int, default=None, help="output size as a multiple of the low-res feature size")
@@ -71,6 +71,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     res.add_argument("--kernel-backend", default="auto", help="JBU kernels: auto (torch.compile, eager fallback), compiled or eager")
     res.add_argument("--address", default=None, help="Ray cluster to join (auto, ray://host:10001); default: start a local Ray")
+    res.add_argument("--in-process", action="store_true",
+                     help="compute in this process without Ray (one worker): for debugging, notebooks and small jobs")
     run_opts = parser.add_argument_group("run")
     run_opts.add_argument("--overwrite", action="store_true", help="start over, deleting an existing store at --output")
     run_opts.add_argument("--dry-run", action="store_true", help="print the plan (shards, samples, arrays, bytes) and exit")
@@ -95,6 +97,7 @@ def build_config(args: argparse.Namespace):
     from jobs.models import resolve_model_names
 
     resolve_model_names(args)
+    args.upsampler = args.upsampler or "jbu"
     from pipeline.precompute.config import PrecomputeConfig, parse_max_errors
     from pipeline.runtime.storage import parse_storage_options
 
@@ -123,6 +126,7 @@ def build_config(args: argparse.Namespace):
         write_threads=args.write_threads,
         kernel_backend=args.kernel_backend,
         address=args.address,
+        in_process=args.in_process,
         **({} if args.max_errors is None else {"max_errors": parse_max_errors(args.max_errors)}),
         io_retry_seconds=args.io_retry_seconds,
         codec=args.codec, quantize=args.quantize, keep_bits=args.keep_bits, tile=args.tile, compact=args.compact,
@@ -140,4 +144,4 @@ def run(args: argparse.Namespace) -> int:
     """Builds the config and runs the job; the exit code is non-zero when it stops early (--max-errors, failures)."""
     from pipeline.precompute.driver import run_precompute
 
-    return run_precompute(build_config(args), command_line=list(sys.argv), json_output=args.json)
+    return run_precompute(build_config(args), command_line=command_line_of(args), json_output=args.json)

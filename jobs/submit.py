@@ -70,6 +70,7 @@ def run(args: argparse.Namespace) -> int:
         return e.code if isinstance(e.code, int) else EXIT_USAGE
     address = args.address or os.environ.get("RAY_API_SERVER_ADDRESS") or os.environ.get("RAY_ADDRESS") or DEFAULT_ADDRESS
     runtime_env = build_runtime_env(args)
+    warn_visible_credentials([*(f"--env={pair}" for pair in args.env), *command])
     client = connect(address)
     job_id = client.submit_job(
         entrypoint=shlex.join(["featup", *command]), runtime_env=runtime_env, submission_id=args.submission_id,
@@ -113,16 +114,30 @@ def check_command(command: Sequence[str]) -> list[str]:
     importlib.import_module(SUBCOMMANDS[command[0]]).add_arguments(parser)
     parsed = parser.parse_args(command[1:])
     if hasattr(parsed, "backbone") and hasattr(parsed, "checkpoint"):  # a model command: its backbone named or implied
-        from featup import published
+        from jobs.models import resolve_names
 
         try:
-            if published.resolve_backbone(parsed.backbone, parsed.checkpoint) is None:
-                parser.error("--backbone: expected a backbone name, or a --checkpoint featup:<model> that implies one")
+            resolve_names(parsed)  # no network: the cluster fetches named weights itself
         except ConfigError as e:
             parser.error(str(e))
     has_address = any("--address" in action.option_strings for action in parser._actions)
     given = any(a == "--address" or a.startswith("--address=") for a in command[1:])
     return command + ["--address", "auto"] if has_address and not given else command
+
+
+def warn_visible_credentials(argv: Sequence[str]) -> None:
+    """One warning naming the credentials given to the job (masked): the cluster shows them to whoever holds its token.
+
+    ``--env`` values travel only in the job's runtime environment (never in the entrypoint), but ``ray job list``
+    prints that environment, and the entrypoint with its ``--storage-option`` values, to every holder of the token.
+    """
+    from pipeline.runtime.secrets import credential_options
+
+    found = credential_options(argv)
+    if found:
+        print(f"featup: warning: {', '.join(found)} can be read on the cluster by anyone holding its token "
+              "(`ray job list` shows the job's command line and environment); give the nodes their own storage "
+              "credentials instead (an instance profile, or the nodes' environment: see cluster.yaml)", file=sys.stderr)
 
 
 def build_runtime_env(args: argparse.Namespace) -> dict[str, Any]:
@@ -145,8 +160,8 @@ def build_runtime_env(args: argparse.Namespace) -> dict[str, Any]:
 
 def _env_pair(pair: str) -> tuple[str, str]:
     key, sep, value = pair.partition("=")
-    if not sep or not key:
-        raise ConfigError(f"--env: expected KEY=VALUE, got {pair!r}")
+    if not sep or not key:  # the whole text may be a secret given without its name: never echoed
+        raise ConfigError("--env: expected KEY=VALUE, got a value without a name and '=' (not shown: it may be a secret)")
     return key, value
 
 
@@ -167,30 +182,55 @@ def connect(address: str):
 
 
 def follow_logs(client, job_id: str, out: TextIO) -> None:
-    """Writes the job's logs as they come until the job ends (streamed; polled if the stream cannot be opened)."""
-    written = 0
+    """Writes the job's logs as they come until the job ends (streamed; polled if the stream cannot be opened).
+
+    Whole lines are written, each masked (``pipeline.runtime.secrets.mask_text``): a secret is never split across
+    two writes, where masking could not see it whole.
+    """
+    lines = _LineWriter(out)
 
     async def stream() -> None:
-        nonlocal written
         async for chunk in client.tail_job_logs(job_id):
-            out.write(chunk)
-            out.flush()
-            written += len(chunk)
+            lines.write(chunk)
 
     try:
         asyncio.run(stream())
+        lines.close()
         return
     except Exception as e:  # websocket refused or dropped (proxies, aiohttp errors): the plain HTTP API still works
         print(f"featup: warning: log stream of job {job_id} broke ({e!r}); polling the logs instead", file=sys.stderr)
     while True:
         done = str(client.get_job_status(job_id).value) in TERMINAL  # read before the logs, so the last lines are not missed
         logs = client.get_job_logs(job_id)
-        out.write(logs[written:])
-        out.flush()
-        written = max(written, len(logs))
+        lines.write(logs[lines.received:])
         if done:
+            lines.close()
             return
         time.sleep(POLL_S)
+
+
+class _LineWriter:
+    """Writes text to ``out`` a whole line at a time, masked; ``received`` counts the characters given to it."""
+
+    def __init__(self, out: TextIO) -> None:
+        self.out, self.pending, self.received = out, "", 0
+
+    def write(self, text: str) -> None:
+        from pipeline.runtime.secrets import mask_text
+
+        self.received += len(text)
+        whole, newline, self.pending = (self.pending + text).rpartition("\n")
+        if newline:
+            self.out.write(mask_text(whole + newline))
+            self.out.flush()
+
+    def close(self) -> None:
+        from pipeline.runtime.secrets import mask_text
+
+        if self.pending:
+            self.out.write(mask_text(self.pending))
+            self.out.flush()
+        self.pending = ""
 
 
 def wait_for_end(client, job_id: str) -> str:

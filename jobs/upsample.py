@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, NamedTuple, Sequence
 
 from featup.errors import CheckpointError, ConfigError, InputError
 from jobs.cli import EXIT_FAILED, EXIT_OK, positive_int, resolve_device
+from jobs.models import CHECKPOINT_HELP, UPSAMPLER_HELP
 
 if TYPE_CHECKING:
     import torch
@@ -29,10 +30,10 @@ class Models(NamedTuple):
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Adds the ``featup upsample`` options."""
     parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files or fsspec URLs")
-    parser.add_argument("--backbone", default=None, help="dino16, dino8, dinov2, clip, clip-tokens, maskclip, vit, resnet50, timm:<name> or pkg.module:callable (default: the one a --checkpoint featup:<model> implies)")
+    parser.add_argument("--backbone", default=None, help="dino16, dino8, dinov2, clip, clip-tokens, maskclip, vit, resnet50, timm:<name> or pkg.module:callable (default: the one a --checkpoint featup:<model>, jafar:, loftup: or uplift:<backbone> implies)")
     parser.add_argument("--weights", default="auto", help="auto (the checkpoint's own backbone weights when it has them, else pretrained from the hub, cached), checkpoint, random (offline, meaningless) or a weights file/URL")
-    parser.add_argument("--checkpoint", default=None, help="trained FeatUp JBU: featup:<model>[:no_norm] (published, downloaded once to $TORCH_HOME), a path or a URL")
-    parser.add_argument("--upsampler", default=None, help="jbu (default) or bilinear; a --checkpoint is always a JBU")
+    parser.add_argument("--checkpoint", default=None, help=CHECKPOINT_HELP)
+    parser.add_argument("--upsampler", default=None, help=UPSAMPLER_HELP)
     parser.add_argument("--image-size", type=positive_int, default=224, help="resize + centre crop size (default 224)")
     parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda or cuda:N")
     parser.add_argument("--out", required=True, type=Path, help="folder for the PNG panels")
@@ -69,10 +70,15 @@ def make_out_dir(out: Path) -> None:
 
 def load_models(args: argparse.Namespace, device: torch.device) -> Models:
     """The backbone and the upsampler (trained from ``--checkpoint`` or freshly built), both in eval mode."""
+    from featup import hub
     from featup.backbones import build_backbone
     from featup.checkpoint import load_featup_checkpoint
     from featup.upsamplers import build_upsampler
 
+    if args.upsampler in hub.upsampler_hub.KINDS:  # a successor: published weights, guidance in its normalisation
+        backbone = build_backbone(args.backbone, args.weights, device=device).eval()
+        upsampler = hub.load_upsampler(args.upsampler, args.checkpoint, device=device)
+        return Models(backbone, hub.for_backbone(upsampler, backbone).eval(), device)
     if args.checkpoint is not None and args.upsampler not in (None, "jbu"):
         raise ConfigError(f"--upsampler: expected jbu (or nothing) with --checkpoint, got {args.upsampler!r}")
     if args.checkpoint is None:
@@ -100,7 +106,7 @@ def model_notices(weights_id: str, checkpoint: str | None, upsampler: str | None
 
 def describe(models: Models, args: argparse.Namespace) -> str:
     """One line saying which backbone, weights, upsampler and device the run uses."""
-    upsampler = f"jbu from {args.checkpoint}" if args.checkpoint else (args.upsampler or "jbu")
+    upsampler = f"{args.upsampler or 'jbu'} from {args.checkpoint}" if args.checkpoint else (args.upsampler or "jbu")
     return f"backbone {args.backbone} ({models.backbone.weights_id}), upsampler {upsampler}, device {models.device}"
 
 

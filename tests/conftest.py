@@ -10,6 +10,9 @@ import pytest
 from tests.helpers import s3
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# "auto" kernels run eager in the tests and in the Ray workers they start: the kernel tests compile one shape per
+# kernel with backend="compiled", and the background compile of "auto" has tests of its own (tests/featup/ops).
+os.environ.setdefault("FEATUP_KERNELS", "eager")
 
 SHARED_FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures"
 FIXTURES = SHARED_FIXTURES / "featup-official"
@@ -38,6 +41,26 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def ray_env(tmp_path_factory):
+    """The test run's one local 2-CPU Ray (``tests.helpers.precompute.local_ray``), started by the first test that
+    needs it and stopped at the end of the run: ``.modules`` (the tiny backbone module), ``.flag`` (the slow flag)."""
+    from tests.helpers.precompute import local_ray
+
+    with local_ray(tmp_path_factory.mktemp("ray")) as env:
+        yield env
+
+
+@pytest.fixture(scope="session")
+def tiny_modules(tmp_path_factory):
+    """The folder of the tiny backbone module (``tests.helpers.precompute.tiny_modules``), importable in this process for
+    the whole run: what in-process precompute runs need, without starting Ray."""
+    from tests.helpers.precompute import tiny_modules
+
+    with tiny_modules(tmp_path_factory.mktemp("tiny")) as modules:
+        yield modules
 
 
 @pytest.fixture(scope="session")

@@ -44,7 +44,8 @@ def test_setup_installs_the_pipeline_extra_with_the_synced_constraints_pinning_t
 
     setup = "\n".join(config["setup_commands"])
     installs = [c for c in config["setup_commands"] if re.search(r"pip install", c)]
-    assert len(installs) == 1, installs  # one install, every package from the lock (nothing installed unpinned)
+    assert len(installs) == 2, installs  # uv, then the project: every package from the lock (nothing unpinned)
+    assert all("-c ~/featup-pipeline/constraints.txt" in c for c in installs), installs
     install = re.search(r"pip install .*-c ~/featup-pipeline/constraints\.txt\s+-e \S*featup-pipeline\[pipeline\]\S*(.*)", setup)
     assert install and install[1].split() == ["boto3"]  # the project and the autoscaler's boto3, both from the lock
     # constraints.txt reaches every node with the project folder: mounted, not excluded, not git-ignored.
@@ -68,6 +69,20 @@ def test_setup_installs_the_pipeline_extra_with_the_synced_constraints_pinning_t
     assert lock["ray"] == ray.__version__  # the submitting client (installed from the same file) and the cluster match
     assert "boto3" in lock  # pinned (moto needs it too), so the nodes' boto3 matches the botocore aiobotocore pins
     assert "~/.ray/auth_token" in config["file_mounts"]  # one token on every node (Ray's token authentication)
+
+
+def test_nodes_bootstrap_from_the_package_registry_at_pinned_versions_and_pipe_nothing_into_a_shell(config):
+    commands = [c for key in ("initialization_commands", "setup_commands", "head_setup_commands", "worker_setup_commands",
+                              "head_start_ray_commands", "worker_start_ray_commands") for c in config.get(key) or []]
+    for command in commands:
+        assert not re.search(r"\b(curl|wget)\b", command), command  # nothing fetched from a URL by hand
+        assert not re.search(r"\|\s*(sudo\s+)?(ba|z|da)?sh\b|\|\s*(sudo\s+)?python", command), command  # nothing piped into a shell
+    uv = next(c for c in config["setup_commands"] if re.search(r"pip install .*\buv$", c))
+    assert "-c ~/featup-pipeline/constraints.txt" in uv  # the lock's version...
+    lock = dict(line.split("==") for line in (ROOT / "constraints.txt").read_text().splitlines() if line.startswith("uv=="))
+    assert lock["uv"]  # ...which the lock pins
+    first_use = next(i for i, c in enumerate(config["setup_commands"]) if "~/.local/bin/uv" in c)
+    assert config["setup_commands"].index(uv) < first_use  # installed before it is used
 
 
 def test_the_s3_credentials_notes_name_the_permissions_the_actors_need():

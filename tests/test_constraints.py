@@ -77,7 +77,7 @@ def pins() -> dict[NormalizedName, Version]:
 
 def test_every_declared_dependency_of_every_extra_is_pinned_inside_its_range(project, pins):
     groups = {group for group, _ in declared(project)}
-    assert groups == {"base", "pipeline", "test", "demo"}
+    assert groups == {"base", "pipeline", "test", "demo", "docs"}
     assert lock_problems(project, pins) == []
     assert pins[canonicalize_name("torch")] == Version("2.14.1")  # by version, as pyproject.toml pins it
     assert pins[canonicalize_name("torchvision")] == Version("0.29.1")
@@ -144,7 +144,7 @@ def test_the_readme_commands_and_ci_install_with_the_lock():
     rule = re.search(r"^\$\(VENV\)/\.installed: (.*)\n((?:\t.*\n)+)", makefile, re.M)
     assert rule, "no install rule in the Makefile"
     assert {"pyproject.toml", "$(CONSTRAINTS)"} <= set(rule[1].split())  # a new lock reinstalls
-    assert re.search(r"pip install .*-c \$\(CONSTRAINTS\) .*-e '\.\[pipeline,test,demo\]'", rule[2])
+    assert re.search(r"pip install .*-c \$\(CONSTRAINTS\) .*-e '\.\[pipeline,test,demo,docs\]'", rule[2])
     for target in ("demo", "test"):
         assert re.search(rf"^{target}: \$\(VENV\)/\.installed$", makefile, re.M), target
     ci = (ROOT / ".ci" / "run").read_text()

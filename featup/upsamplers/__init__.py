@@ -2,7 +2,7 @@
 FeatUp's feed-forward successors ``anyup``, ``jafar``, ``loftup``, ``uplift`` and ``naf`` (each reproducing its
 published code)."""
 
-from featup.upsamplers import anyup, bilinear, jafar, jbu, loftup, naf  # noqa: F401  (registers the upsamplers)
+from featup.upsamplers import anyup, bilinear, jafar, jbu, loftup, naf, uplift  # noqa: F401  (registers the upsamplers)
 from featup.upsamplers.anyup import AnyUp
 from featup.upsamplers.base import UPSAMPLERS, ImageNorm, build_upsampler
 from featup.upsamplers.bilinear import BilinearUpsampler
@@ -10,6 +10,7 @@ from featup.upsamplers.jafar import JAFAR
 from featup.upsamplers.jbu import JBUStack, JBUStage
 from featup.upsamplers.loftup import LoftUp
 from featup.upsamplers.naf import NAF
+from featup.upsamplers.uplift import UPLiFT
 
 __all__ = ["UPSAMPLERS", "build_upsampler", "ImageNorm", "BilinearUpsampler", "JBUStack", "JBUStage", "AnyUp", "JAFAR",
-           "LoftUp", "NAF"]
+           "LoftUp", "NAF", "UPLiFT"]

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Sequence
 
 import torch
@@ -36,22 +35,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from featup.errors import CheckpointError, ConfigError, InputError
-from featup.upsamplers.base import IMAGENET_NORM, UPSAMPLERS, check_inputs, resolve_output_size
+from featup.upsamplers.base import IMAGENET_NORM, PublishedWeights, UPSAMPLERS, check_inputs, resolve_output_size
 
 NUM_GROUPS = 8  # GroupNorm groups in every ResBlock
 _BAND_ELEMENTS = 1 << 24  # elements of one band of the RoPE and feature-unification intermediates
-
-
-@dataclass(frozen=True)
-class PublishedWeights:
-    """A released checkpoint: where to get it and, for per-backbone checkpoints, which backbone it fits."""
-
-    url: str
-    file_name: str
-    backbone: str | None
-    dim: int | None
-    patch: int | None
-    sha256: str | None = None
 
 
 _RELEASES = "https://github.com/wimmerth/anyup/releases/download"

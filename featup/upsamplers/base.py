@@ -56,6 +56,20 @@ class ImageNorm:
         return image if source == self else self.normalize(source.denormalize(image))
 
 
+@dataclass(frozen=True)
+class PublishedWeights:
+    """A released checkpoint of an upsampler: where to get it and, for a per-backbone checkpoint, the backbone it was
+    trained for (``backbone``: this project's name for the same network, else None; ``dim``: feature channels;
+    ``patch``: the backbone's patch size). None everywhere: one checkpoint for any backbone."""
+
+    url: str
+    file_name: str
+    backbone: str | None
+    dim: int | None
+    patch: int | None
+    sha256: str | None = None
+
+
 IMAGENET_NORM = ImageNorm((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 UNIT_NORM = ImageNorm((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))  # plain RGB in [0, 1]
 

@@ -25,7 +25,6 @@ and output projections (and ``norm_v``) never reach the output and are only kept
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Mapping, Sequence
 
 import torch
@@ -33,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from featup.errors import CheckpointError, ConfigError
-from featup.upsamplers.base import IMAGENET_NORM, UPSAMPLERS, check_inputs, resolve_output_size
+from featup.upsamplers.base import IMAGENET_NORM, PublishedWeights, UPSAMPLERS, check_inputs, resolve_output_size
 
 NUM_GROUPS = 8  # GroupNorm groups everywhere in the published model
 NUM_RES_BLOCKS = 2  # residual blocks after each encoder's first conv
@@ -198,15 +197,19 @@ class JAFAR(nn.Module):
     def forward(
         self, lr_feats: torch.Tensor, image: torch.Tensor, output_size: Sequence[int] | int | None = None
     ) -> torch.Tensor:
-        """Upsample ``lr_feats`` (B, v_dim, h, w) guided by ``image`` (B, 3, H, W) to ``output_size`` (default H, W)."""
+        """Upsample ``lr_feats`` (B, v_dim, h, w) guided by ``image`` (B, 3, H, W) to ``output_size`` (default H, W).
+
+        Computed in the parameters' dtype; the output has ``lr_feats``' dtype."""
         check_inputs(lr_feats, image, dim=self.v_dim, guidance_dim=self.input_dim)
         size = resolve_output_size(image, output_size)
-        encoded = self.encode_image(image)  # (B, qk, H, W)
-        keys = self.keys(encoded, lr_feats)  # (B, h*w, qk)
+        dtype = self.rope.freqs.dtype
+        feats = lr_feats.to(dtype)  # (B, C, h, w)
+        encoded = self.encode_image(image.to(dtype))  # (B, qk, H, W)
+        keys = self.keys(encoded, feats)  # (B, h*w, qk)
         queries = self.queries(encoded, size)  # (B, Ho*Wo, qk)
         del encoded  # the guidance-resolution maps are freed before the output is allocated
-        out = self.attend(queries, keys, lr_feats.flatten(2))  # (B, C, Ho*Wo)
-        return out.unflatten(2, size)  # (B, C, Ho, Wo)
+        out = self.attend(queries, keys, feats.flatten(2))  # (B, C, Ho*Wo)
+        return out.unflatten(2, size).to(lr_feats.dtype)  # (B, C, Ho, Wo)
 
     def encode_image(self, image: torch.Tensor) -> torch.Tensor:
         """Encoded guidance (B, qk, H, W) with the rotary encoding at coordinates linspace(0, 1) per axis."""
@@ -264,18 +267,6 @@ def _check_config(input_dim: int, qk_dim: int, v_dim: int, kernel_size: int, num
 
 
 # ---------------------------------------------------------------------------------------------- checkpoints
-
-
-@dataclass(frozen=True)
-class PublishedWeights:
-    """One released JAFAR checkpoint and the backbone it was trained for."""
-
-    url: str
-    file_name: str
-    backbone: str | None  # this project's backbone name when it is the same network, else None
-    dim: int | None  # feature channels (the model's v_dim)
-    patch: int | None  # backbone patch size (the feature stride)
-    sha256: str | None = None
 
 
 _RELEASE = "https://github.com/PaulCouairon/JAFAR/releases/download/Weights/"

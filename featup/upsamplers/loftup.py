@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
 from typing import Mapping, Sequence
 
 import torch
@@ -42,22 +41,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from featup.errors import CheckpointError, ConfigError, InputError
-from featup.upsamplers.base import IMAGENET_NORM, UPSAMPLERS, check_inputs, resolve_output_size
+from featup.upsamplers.base import IMAGENET_NORM, PublishedWeights, UPSAMPLERS, check_inputs, resolve_output_size
 
 TOKEN_FREQS = 5  # frequencies of the low-res tokens' position encoding (fixed in the published code)
 COLOR_DIM = 3
-
-
-@dataclass(frozen=True)
-class PublishedWeights:
-    """A released checkpoint: where to get it and which backbone it was trained for."""
-
-    url: str
-    file_name: str
-    backbone: str | None  # the project's backbone name (featup.backbones) when it is the same model
-    dim: int | None
-    patch: int | None
-    sha256: str | None = None
 
 
 def _hub(name: str, backbone: str | None, dim: int, patch: int) -> PublishedWeights:
@@ -280,10 +267,13 @@ class LoftUp(nn.Module):
     ) -> torch.Tensor:
         """Upsample (B, C, h, w) features guided by the ImageNet-normalised (B, 3, H, W) image -> (B, C, H', W').
 
-        ``output_size`` defaults to the image size; another size resizes the guidance image to it.
+        ``output_size`` defaults to the image size; another size resizes the guidance image to it. Computed in the
+        parameters' dtype; the output has ``lr_feats``' dtype.
         """
         check_inputs(lr_feats, image, dim=self.dim)
         height, width = resolve_output_size(image, output_size)
+        out_dtype, dtype = lr_feats.dtype, self.layers[0].attn.in_proj_weight.dtype
+        lr_feats, image = lr_feats.to(dtype), image.to(dtype)
         colours = minmax_scale(_resize_guidance(image, (height, width)))  # (B, 3, H', W')
         tokens = self.tokens(lr_feats)  # (B, N, E)
         kvs = [layer.keys_values(tokens) for layer in self.layers]
@@ -298,7 +288,7 @@ class LoftUp(nn.Module):
                 part = self.decode(q[:, start : start + chunk], kvs)  # (B, n, C)
                 offset = r0 * width + start
                 out[:, :, offset : offset + part.shape[1]] = part.transpose(1, 2)
-        return out.view(b, self.dim, height, width)
+        return out.view(b, self.dim, height, width).to(out_dtype)
 
 
 def _check_config(

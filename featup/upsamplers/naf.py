@@ -36,22 +36,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from featup.errors import CheckpointError, ConfigError, InputError
-from featup.upsamplers.base import IMAGENET_NORM, UPSAMPLERS, check_inputs, resolve_output_size
+from featup.upsamplers.base import IMAGENET_NORM, PublishedWeights, UPSAMPLERS, check_inputs, resolve_output_size
 
 GROUPS = 8  # GroupNorm groups of the image encoders
 MAX_GUIDANCE_RATIO = 4  # the guidance is downscaled to at most 4x the output size before encoding
-
-
-@dataclass(frozen=True)
-class PublishedWeights:
-    """A released checkpoint: where to get it, and the backbone it was trained for (None: any)."""
-
-    url: str
-    file_name: str
-    backbone: str | None
-    dim: int | None
-    patch: int | None
-    sha256: str | None = None
 
 
 PUBLISHED: dict[str, PublishedWeights] = {

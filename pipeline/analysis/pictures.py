@@ -92,9 +92,11 @@ def render_panel(
     *,
     banner: Sequence[str] = (),
     captions: Sequence[str] | None = None,
+    extra: Sequence[torch.Tensor] = (),
 ) -> Image.Image:
-    """The panel [image | low-res PCA | upsampled PCA] with captions and a red banner of warnings on top."""
-    layout, lines = plan_panel(image, banner)
+    """The panel [image | low-res PCA | upsampled PCA | ``extra`` (3, H, W) maps...] with captions and a red banner of
+    warnings on top (pass a caption for each extra tile)."""
+    layout, lines = plan_panel(image, banner, 3 + len(extra))
     font = ImageFont.load_default(size=FONT_SIZE)
     if captions is None:
         captions = default_captions(image, lr_rgb, hr_rgb)
@@ -105,7 +107,7 @@ def render_panel(
         draw.rectangle((0, 0, layout.size[0] - 1, layout.banner_h - 1), fill=BANNER_BACKGROUND)
         for j, line in enumerate(lines):
             draw.text((PAD, PAD + j * line_h), line, fill=BANNER_TEXT, font=font)
-    tiles = [image.convert("RGB"), rgb_to_pil(lr_rgb), rgb_to_pil(hr_rgb)]
+    tiles = [image.convert("RGB"), rgb_to_pil(lr_rgb), rgb_to_pil(hr_rgb), *map(rgb_to_pil, extra)]
     for i, (tile, caption) in enumerate(zip(tiles, captions)):
         left, top, _, _ = layout.tile_box(i)
         panel.paste(tile.resize((layout.tile_w, layout.tile_h), Image.Resampling.NEAREST), (left, top))
@@ -113,16 +115,16 @@ def render_panel(
     return panel
 
 
-def plan_panel(image: Image.Image, banner: Sequence[str] = ()) -> tuple[PanelLayout, list[str]]:
-    """The layout of the panel for ``image`` and the banner text wrapped to its width."""
+def plan_panel(image: Image.Image, banner: Sequence[str] = (), n_tiles: int = 3) -> tuple[PanelLayout, list[str]]:
+    """The layout of the panel of ``n_tiles`` tiles for ``image`` and the banner text wrapped to its width."""
     scale = display_scale(*image.size)
     tile_w, tile_h = image.width * scale, image.height * scale
     font = ImageFont.load_default(size=FONT_SIZE)
     line_h = _line_height(font)
-    width = PanelLayout(tile_w, tile_h, 3, 0, 0).size[0]
+    width = PanelLayout(tile_w, tile_h, n_tiles, 0, 0).size[0]
     lines = [line for text in banner for line in _wrap(text, font, width - 2 * PAD)]
     banner_h = len(lines) * line_h + 2 * PAD if lines else 0
-    return PanelLayout(tile_w, tile_h, 3, banner_h, line_h + PAD), lines
+    return PanelLayout(tile_w, tile_h, n_tiles, banner_h, line_h + PAD), lines
 
 
 def default_captions(image: Image.Image, lr_rgb: torch.Tensor, hr_rgb: torch.Tensor) -> list[str]:

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.evaluate.scoring import (
-    METHODS, EvalConfig, EvalReport, Method, Scored, held_out_views, log, near_edges, reconstruction_error, score, summarise,
+    EvalConfig, EvalReport, Method, Scored, held_out_views, log, near_edges, reconstruction_error, score, summarise,
     write_report,
 )
 from pipeline.evaluate.groundtruth import GroundTruthImage, GroundTruthSpec, read_groundtruth, write_groundtruth_shards
@@ -56,8 +56,10 @@ def implicit_config(config: EvalConfig):
                              pca_views=min(50, views), lr=config.implicit_lr, max_pad=config.max_pad)
 
 
-def build_methods(config: EvalConfig, backbone: torch.nn.Module, checkpoint: str, device: torch.device) -> dict[str, Method]:
-    """Each method as ``(image, lr_feats, index) -> (1, C, H, W)``: bilinear, the trained JBU, the per-image implicit fit."""
+def build_methods(config: EvalConfig, backbone: torch.nn.Module, checkpoint: str, device: torch.device,
+                  extra: dict[str, Method] | None = None) -> dict[str, Method]:
+    """Each method as ``(image, lr_feats, index) -> (1, C, H, W)``: bilinear, the trained JBU, the per-image implicit fit,
+    then ``extra`` (``config.upsampler``'s method, built here when not given)."""
     from featup.checkpoint import load_featup_checkpoint
     from featup.upsamplers.implicit_fit import fit_implicit
 
@@ -74,7 +76,27 @@ def build_methods(config: EvalConfig, backbone: torch.nn.Module, checkpoint: str
         gen = torch.Generator(device=device).manual_seed(config.seed * 1_000_003 + index)
         return fit_implicit(backbone, image, fit, generator=gen)
 
-    return {"bilinear": bilinear, "jbu": trained_jbu, "implicit": implicit}
+    methods = {"bilinear": bilinear, "jbu": trained_jbu, "implicit": implicit}
+    if extra is None and config.upsampler is not None:
+        extra = {config.upsampler: successor_method(config, backbone, device)}
+    return methods | (extra or {})
+
+
+def successor_method(config: EvalConfig, backbone: torch.nn.Module, device: torch.device) -> Method:
+    """``config.upsampler`` with ``config.checkpoint`` (published name, path or URL) as a method, fed the teacher's
+    image in its own normalisation; tried once on a square image of the shorter side, so that weights that do not
+    fit the teacher or sizes it cannot take are refused before the JBU is trained."""
+    from featup import hub
+
+    upsampler = hub.for_backbone(hub.load_upsampler(config.upsampler, config.checkpoint, device=device), backbone)
+    side, cells = config.short_side, config.short_side // config.teacher_stride
+    with torch.no_grad():
+        upsampler(torch.zeros(1, backbone.dim, cells, cells, device=device), torch.zeros(1, 3, side, side, device=device))
+
+    def successor(image: torch.Tensor, lr_feats: torch.Tensor, index: int) -> torch.Tensor:
+        return upsampler(lr_feats, image)
+
+    return successor
 
 
 def to_input(sample: GroundTruthImage, backbone: torch.nn.Module, device: torch.device) -> torch.Tensor:
@@ -130,18 +152,19 @@ def _run(config: EvalConfig, err: TextIO | None, figure: bool) -> EvalReport:
     from featup.backbones import build_backbone
 
     device, timings = resolve_device(config.device), {}
+    backbone = build_backbone(config.teacher, "auto", device=device)
+    extra = {config.upsampler: successor_method(config, backbone, device)} if config.upsampler else {}  # fails early
     start = time.monotonic()
     train_shards, test_shards = make_data(config)
     timings["data_s"] = time.monotonic() - start
     log(err, f"training the JBU for {config.jbu_steps} steps on {config.train_images} images")
     trained = train_jbu(train_config(config, train_shards), err=err)
     timings["jbu_train_s"] = trained.wall_s
-    backbone = build_backbone(config.teacher, "auto", device=device)
-    methods = build_methods(config, backbone, trained.checkpoint, device)
+    methods = build_methods(config, backbone, trained.checkpoint, device, extra)
     start = time.monotonic()
     rows, kept = score_images(config, test_shards, backbone, methods, device, err)
     timings["score_s"] = time.monotonic() - start
-    report = EvalReport(asdict(config), rows, summarise(rows, ("truth", *METHODS)), trained.losses, timings)
+    report = EvalReport(asdict(config), rows, summarise(rows, ("truth", *config.methods)), trained.losses, timings)
     png = None
     if figure:
         from pipeline.evaluate.figure import render_figure

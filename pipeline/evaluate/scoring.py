@@ -67,6 +67,8 @@ class EvalConfig:
     seed: int = 0
     device: str = "cpu"
     threads: int | None = None  # torch CPU threads during the run (None: leave torch's setting)
+    upsampler: str | None = None  # a successor (anyup, jafar, loftup, naf, uplift) scored besides the three methods
+    checkpoint: str | None = None  # its weights: a published name, a path or a URL (None: its default published ones)
 
     def __post_init__(self) -> None:
         if not isinstance(self.out, str) or not self.out:
@@ -88,8 +90,14 @@ class EvalConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
                 raise ConfigError(f"--{name.replace('_', '-')}: expected a number > 0, got {value!r}")
+        _check_upsampler(self.upsampler, self.checkpoint)
         if isinstance(self.crf_weight, bool) or not isinstance(self.crf_weight, (int, float)) or self.crf_weight < 0:
             raise ConfigError(f"--crf-weight: expected a number >= 0, got {self.crf_weight!r}")
+
+    @property
+    def methods(self) -> tuple[str, ...]:
+        """The scored methods: bilinear, jbu, implicit and the ``upsampler`` when one is given."""
+        return METHODS + ((self.upsampler,) if self.upsampler else ())
 
     @property
     def teacher(self) -> str:
@@ -99,6 +107,15 @@ class EvalConfig:
     def short_side(self) -> int:
         """The shorter image side: ``image_size`` rounded to a multiple of the stride (training crops are this square)."""
         return max(self.teacher_stride, round(self.image_size / self.teacher_stride) * self.teacher_stride)
+
+
+def _check_upsampler(upsampler: str | None, checkpoint: str | None) -> None:
+    from featup.upsampler_hub import KINDS
+
+    if upsampler is not None and upsampler not in KINDS:
+        raise ConfigError(f"--upsampler: expected one of {', '.join(KINDS)} (scored besides {', '.join(METHODS)}), got {upsampler!r}")
+    if checkpoint is not None and upsampler is None:
+        raise ConfigError(f"--checkpoint {checkpoint}: expected --upsampler KIND with it, got none")
 
 
 def _check_int(name: str, value: Any, low: int) -> None:

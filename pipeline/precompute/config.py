@@ -7,13 +7,16 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from featup.errors import ConfigError
+from featup.upsampler_hub import KINDS as SUCCESSORS
+from featup.upsampler_hub import resolve as resolve_upsampler
 from pipeline.runtime.retry import DEFAULT_BUDGET_S, RetryPolicy
 from pipeline.runtime.storage import Location
 from pipeline.store.codecs import StorageCodec
 
 DTYPES = ("float16", "bfloat16", "float32")
 DEFAULT_MAX_ERRORS = 0.05  # --max-errors: 5% of all samples
-UPSAMPLERS = ("jbu", "bilinear", "implicit")  # implicit: a network fitted to each image (slow)
+# implicit: a network fitted to each image (slow); the successors (anyup, jafar, loftup, naf, uplift) run published weights
+UPSAMPLERS = ("jbu", "bilinear", "implicit", *SUCCESSORS)
 KERNEL_BACKENDS = ("auto", "compiled", "eager")  # JBU kernels: torch.compile'd or eager, same results
 # zarr and numpy have no bfloat16: bfloat16 results are stored exactly as float32.
 STORAGE_DTYPES = {"float16": "float16", "bfloat16": "float32", "float32": "float32"}
@@ -52,7 +55,7 @@ class PrecomputeConfig:
     output: str
     backbone: str
     weights: str = "auto"
-    checkpoint: str | None = None
+    checkpoint: str | None = None  # a successor without one gets its published weights (the name is filled in)
     upsampler: str = "jbu"
     image_size: int = 224
     scale: int | None = None
@@ -72,6 +75,7 @@ class PrecomputeConfig:
     write_threads: int | None = None  # None: sized per actor (pool.write_threads_for); 0: rows written in the model's thread
     kernel_backend: str = "auto"  # "eager" skips the per-process torch.compile (seconds): best for tiny jobs
     address: str | None = None
+    in_process: bool = False  # one worker in this process, no Ray (debugging, notebooks, small jobs); not with address
     # int: a count of failed samples; float in [0, 1]: a fraction of all samples; None: no limit. The default stops a
     # job whose failures point at a systematic problem (a wrong --labels or image key, a damaged shard set) rather
     # than the usual tail of unreadable files; a job in which no sample succeeded always fails.
@@ -86,7 +90,7 @@ class PrecomputeConfig:
     max_pixels: int = 64_000_000
     overwrite: bool = False
     dry_run: bool = False
-    storage_options: dict[str, Any] = field(default_factory=dict)
+    storage_options: dict[str, Any] = field(default_factory=dict, repr=False)  # may hold credentials: never in a repr
     seed: int = 0  # random weights and the PCA sample are drawn from generators seeded with it
     pca_images: int = 32  # images whose low-res features the --channels PCA is fitted on
     implicit: Any = None  # ImplicitFitConfig (published defaults filled in) with --upsampler implicit, else None
@@ -99,6 +103,8 @@ class PrecomputeConfig:
         object.__setattr__(self, "labels", tuple(self.labels))
         object.__setattr__(self, "storage_options", dict(self.storage_options))
         _check_inputs(self)
+        # A successor's published weights by name (recorded in the store), a name of another kind refused.
+        object.__setattr__(self, "checkpoint", resolve_upsampler(self.upsampler, self.checkpoint, self.backbone)[1])
         object.__setattr__(self, "output_location", Location.resolve(self.output, self.storage_options))
         checkpoint = None if self.checkpoint is None else Location.resolve(self.checkpoint, self.storage_options)
         object.__setattr__(self, "checkpoint_location", checkpoint)
@@ -188,8 +194,8 @@ def _check_inputs(c: PrecomputeConfig) -> None:
 def _check_model(c: PrecomputeConfig) -> None:
     if c.upsampler not in UPSAMPLERS:
         raise ConfigError(f"--upsampler: expected one of {', '.join(UPSAMPLERS)}, got {c.upsampler!r}")
-    if c.checkpoint is not None and c.upsampler != "jbu":
-        raise ConfigError(f"--upsampler: expected jbu with --checkpoint, got {c.upsampler!r}")
+    if c.checkpoint is not None and c.upsampler not in ("jbu", *SUCCESSORS):
+        raise ConfigError(f"--upsampler: expected jbu or one of {', '.join(SUCCESSORS)} with --checkpoint, got {c.upsampler!r}")
     _check_implicit(c)
     if c.kernel_backend not in KERNEL_BACKENDS:
         raise ConfigError(f"--kernel-backend: expected one of {', '.join(KERNEL_BACKENDS)}, got {c.kernel_backend!r}")
@@ -254,6 +260,7 @@ def _check_resources(c: PrecomputeConfig) -> None:
             raise ConfigError(f"actors: expected a positive integer or auto, got {c.actors!r}")
     else:
         _positive("actors", c.actors)
+    _check_in_process(c)
     _positive("batch_size", c.batch_size)
     _positive("decode_threads", c.decode_threads, optional=True)
     w = c.write_threads
@@ -272,6 +279,19 @@ def _check_resources(c: PrecomputeConfig) -> None:
         raise ConfigError(f"--device: expected auto, cpu or cuda[:N], got {c.device!r}")
     if c.device.startswith("cuda") and g == 0:
         raise ConfigError(f"--gpus-per-actor: expected a number > 0 with --device {c.device}, got 0")
+
+
+def _check_in_process(c: PrecomputeConfig) -> None:
+    """``in_process`` computes in the driver's process with one worker: no cluster, no more actors."""
+    if not isinstance(c.in_process, bool):
+        raise ConfigError(f"--in-process: expected True or False, got {c.in_process!r}")
+    if not c.in_process:
+        return
+    if c.address is not None:
+        raise ConfigError(
+            f"--in-process: expected no --address (it computes in this process, without Ray), got --address {c.address}")
+    if c.actors != 1:
+        raise ConfigError(f"--in-process: expected --actors 1 (one worker in this process), got --actors {c.actors}")
 
 
 def _check_errors(c: PrecomputeConfig) -> None:

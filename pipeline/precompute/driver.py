@@ -1,10 +1,11 @@
 """The precompute driver: plans the job, opens or resumes the store under a lock, runs Ray actors over a shard queue.
 
-Actors are ``ray.remote(NodeWorker)`` (a ShardWorker that knows its node), kept by ``pipeline.cluster.ActorPool``;
+Actors are ``ray.remote(NodeWorker)`` (a ShardWorker that knows its node), kept by ``pipeline.precompute.pool.ActorPool``;
 each takes whole shards, writes their rows into the store itself and commits them. The driver only moves shard
 descriptions and small results: it gives shards to placed actors only, requeues the shard of an actor that dies (the
 pool starts a replacement if one is still needed), stops the job when ``--max-errors`` is exceeded, shows progress
-and writes the run report (with each actor's node).
+and writes the run report (with each actor's node). With ``in_process`` (``--in-process``) the same loop drives one
+worker in this process instead (``pipeline.precompute.local.LocalPool``) and Ray is never imported.
 """
 
 from __future__ import annotations
@@ -23,16 +24,20 @@ from typing import Iterator, Sequence, TextIO
 
 from featup.errors import ConfigError
 from pipeline.runtime.retry import TransientIOError
-from pipeline.precompute.pool import MAX_START_FAILURES, ActorPool, Slot, first_line
+from pipeline.precompute.pool import ActorPool, actor_resources
+from pipeline.precompute.slots import ShardLost, Slot, SlotPool
 from pipeline.precompute.config import PrecomputeConfig
 from pipeline.precompute.extract import Projection
 from pipeline.precompute.compact import compact_attrs, compact_notes, ensure_upsampler, stored_upsampler
 from pipeline.store.compact import UPSAMPLER_NODE, write_upsampler
+from pipeline.precompute.inputs import check_inputs, write_inputs
+from pipeline.precompute.repair import committed_to_skip, redo_lost_rows
 from pipeline.precompute.plan import COMPAT_KEYS, Plan, plan_keys, estimate_bytes, fit_projection, format_plan, make_plan
 from pipeline.runtime.progress import ProgressBar, precompute_postfix
 from pipeline.runtime.ray_session import ray_session
+from pipeline.runtime.secrets import mask_json
 from pipeline.precompute.heartbeat import HEARTBEAT_S, LockHeartbeat
-from pipeline.precompute.report import format_run_summary, summarize_reasons
+from pipeline.precompute.report import actors_per_node, format_run_summary, per_actor, summarize_reasons
 from pipeline.precompute.worker import ShardResult, ShardTask
 
 EXIT_OK, EXIT_FAILED = 0, 1
@@ -50,10 +55,12 @@ def run_precompute(
     The end of the run goes to ``out``: a short summary, or with ``json_output`` the whole report (as in ``report.json``).
     """
     out, err = out or sys.stdout, err or sys.stderr
-    config = config.with_machine_resources(_machine_cpus())  # resolved once, passed down to the actors
+    check_local_devices(config)  # before the shards are scanned and Ray starts
+    preflight(config)  # the output, inputs and checkpoint storage answer: one line each if not
+    config = config.with_machine_resources(_machine_cpus(config))  # resolved once, passed down to the actors
     plan = make_plan(config, command_line)
     if config.dry_run:
-        print(format_plan(plan, estimate_bytes(plan), _existing_commits(plan)), file=out)
+        print(format_plan(plan, estimate_bytes(plan), _existing_commits(plan, err)), file=out)
         return EXIT_OK
     if config.upsampler == "implicit":  # slow by nature: say so before the progress bar starts
         from pipeline.precompute.plan import implicit_notice
@@ -70,9 +77,10 @@ def run_plan(plan: Plan, *, out: TextIO, err: TextIO, json_output: bool = False,
     store, committed, projection, clean = open_store(plan, run_id, err)
     try:
         with LockHeartbeat(store) as heartbeat:
+            committed, redone = redo_lost_rows(store, plan, committed, err)
             driver = Driver(plan, store, committed, projection, clean=clean, run_id=run_id, err=err, heartbeat=heartbeat,
-                            worker=worker)
-            with ray_session(config.address, _local_cpus(config)) if driver.queue else nullcontext():
+                            redone=redone, worker=worker)
+            with ray_session(config.address, _local_cpus(config)) if driver.queue and not config.in_process else nullcontext():
                 report = driver.run()
             _write_report(store, report, err)
     finally:
@@ -82,6 +90,22 @@ def run_plan(plan: Plan, *, out: TextIO, err: TextIO, json_output: bool = False,
         reasons = summarize_reasons(report["samples"]["error_reasons"])
         print(f"featup: error: {report['failure']}" + (f"; most common reasons:\n{reasons}" if reasons else ""), file=err)
     return EXIT_OK if report["status"] == "complete" else EXIT_FAILED
+
+
+def _warn(warning: str | None, err: TextIO) -> None:
+    if warning:
+        print(warning, file=err)
+
+
+def preflight(config: PrecomputeConfig) -> None:
+    """Before any work: the output can be created (or, for a dry run, read), and the inputs' and a checkpoint URL's
+    storage answers; credentials, buckets and permissions that cannot work are refused in one line each."""
+    from pipeline.runtime import preflight as checks
+
+    checks.check_output(config.output_location, config.retry, write=not config.dry_run)
+    checks.check_inputs(config.inputs, config.storage_options, config.retry)
+    if config.checkpoint_location is not None and "://" in config.checkpoint_location.url:
+        checks.check_readable(config.checkpoint_location, config.retry, what="--checkpoint")
 
 
 def _write_report(store, report: dict, err: TextIO) -> None:
@@ -104,50 +128,63 @@ def _release_lock(store, err: TextIO) -> None:
 
 
 def open_store(plan: Plan, run_id: str, err: TextIO):
-    """(store, committed shards, projection, clean): resumes a compatible store or creates one; holds its lock."""
-    from pipeline.store.features import FeatureStore, check_compatible
+    """(store, committed shards, projection, clean): resumes a compatible store or creates one; holds its lock.
+
+    The lock comes first, before anything is written: whether to resume or create is decided under it, so of jobs
+    started together on a new output exactly one creates the store and the others are refused naming it."""
+    from pipeline.store.features import FeatureStore
 
     c = plan.config
     options = c.output_location.options
-    if FeatureStore.exists(c.output, options, retry=c.retry) and not c.overwrite:
-        store = FeatureStore.open(c.output, options, retry=c.retry)
-        store.acquire_lock(run_id, heartbeat_s=HEARTBEAT_S)  # refuses while another job runs, before anything is read or written
-        _checked(store, lambda: check_compatible(store.attrs, plan.attrs, COMPAT_KEYS))
-        committed = store.committed_shards() & {s.index for s in plan.shards}
-        projection = Projection.from_attrs(store.attrs["pca"]) if c.channels else None
-        if c.compact:
-            _checked(store, lambda: ensure_upsampler(store, stored_upsampler(plan.extractor, projection)))
-        print(
-            f"featup: resuming {c.output}: {len(committed)} of {len(plan.shards)} shards already committed and skipped, "
-            f"{len(plan.shards) - len(committed)} to compute",
-            file=err,
+    lock = FeatureStore.lock_output(c.output, run_id, options, overwrite=c.overwrite, retry=c.retry, heartbeat_s=HEARTBEAT_S)
+    try:
+        if not c.overwrite and FeatureStore.exists(c.output, options, retry=c.retry):
+            return _resume_store(plan, FeatureStore.open(c.output, options, retry=c.retry, lock=lock), err)
+        with LockHeartbeat(lock) as heartbeat:  # fitting the PCA may take longer than the lock's window
+            projection = plan.projection if plan.projection is not None else (fit_projection(plan) if c.channels else None)
+        if heartbeat.error is not None:
+            raise heartbeat.error
+        upsampler = stored_upsampler(plan.extractor, projection) if c.compact else None
+        attrs = {**plan.attrs, "pca": projection.to_attrs() if projection else None,
+                 **(compact_attrs(upsampler[0]) if upsampler else {})}
+        store = FeatureStore.create(
+            c.output, num_rows=plan.num_rows, arrays=plan.arrays, attrs=attrs, storage_options=options,
+            overwrite=c.overwrite, keys=plan_keys(plan), retry=c.retry, codec=c.storage_codec, lock=lock,
+            side_nodes=(UPSAMPLER_NODE,) if upsampler else (), notes=compact_notes() if upsampler else None,
         )
-        return store, committed, projection, False
-    projection = plan.projection if plan.projection is not None else (fit_projection(plan) if c.channels else None)
-    upsampler = stored_upsampler(plan.extractor, projection) if c.compact else None
-    attrs = {**plan.attrs, "pca": projection.to_attrs() if projection else None,
-             **(compact_attrs(upsampler[0]) if upsampler else {})}
-    store = FeatureStore.create(
-        c.output, num_rows=plan.num_rows, arrays=plan.arrays, attrs=attrs, storage_options=options, overwrite=c.overwrite,
-        keys=plan_keys(plan), retry=c.retry, codec=c.storage_codec, side_nodes=(UPSAMPLER_NODE,) if upsampler else (),
-        notes=compact_notes() if upsampler else None,
-    )
-    store.acquire_lock(run_id, heartbeat_s=HEARTBEAT_S)
-    if upsampler is not None:  # before any row: a compact store is never without its upsampler once rows exist
-        _checked(store, lambda: write_upsampler(store, *upsampler))
+        if upsampler is not None:  # before any row, under the lock: a compact store never has rows without its upsampler
+            write_upsampler(store, *upsampler)
+        write_inputs(store, plan.shards)  # the shards' content identities, to refuse a resume against changed ones
+    except BaseException:
+        try:
+            lock.release()
+        except TransientIOError:  # storage is down: the lock goes stale; the error that stopped the job is the one told
+            pass
+        raise
     return store, set(), projection, True
 
 
-def _checked(store, step) -> None:
-    """Runs ``step`` on a locked store; on any error the lock is released before it is raised."""
-    try:
-        step()
-    except Exception:
-        store.release_lock()
-        raise
+def _resume_store(plan: Plan, store, err: TextIO):
+    """(store, committed shards, projection, clean) of an existing store this run may resume (settings compared; a
+    compact store's upsampler checked, and written if the creating run stopped before it)."""
+    from pipeline.store.features import check_compatible
+
+    c = plan.config
+    _warn(check_inputs(store, plan.shards), err)  # the shards the store was made from, by content, first
+    check_compatible(store.attrs, plan.attrs, COMPAT_KEYS)
+    committed = store.committed_shards() & {s.index for s in plan.shards}
+    projection = Projection.from_attrs(store.attrs["pca"]) if c.channels else None
+    if c.compact:
+        ensure_upsampler(store, stored_upsampler(plan.extractor, projection))
+    print(
+        f"featup: resuming {c.output}: {len(committed)} of {len(plan.shards)} shards already committed and skipped, "
+        f"{len(plan.shards) - len(committed)} to compute",
+        file=err,
+    )
+    return store, committed, projection, False
 
 
-def _existing_commits(plan: Plan) -> set[int] | None:
+def _existing_commits(plan: Plan, err: TextIO) -> set[int] | None:
     """For a dry run: the committed shards of a compatible existing store (None when there is none or it is replaced)."""
     from pipeline.store.features import FeatureStore, check_compatible
 
@@ -156,8 +193,9 @@ def _existing_commits(plan: Plan) -> set[int] | None:
     if c.overwrite or not FeatureStore.exists(c.output, options, retry=c.retry):
         return None
     store = FeatureStore.open(c.output, options, mode="r", retry=c.retry)
+    _warn(check_inputs(store, plan.shards), err)
     check_compatible(store.attrs, plan.attrs, COMPAT_KEYS)
-    return store.committed_shards()
+    return committed_to_skip(store, plan, store.committed_shards(), err)
 
 
 @dataclass
@@ -176,11 +214,12 @@ class _Totals:
 
 
 class Driver:
-    """The ray.wait loop over a queue of uncommitted shards, with actor replacement, error limit, progress and report."""
+    """The loop over a queue of uncommitted shards (on a pool of Ray actors or in process), with worker replacement,
+    error limit, progress and report."""
 
     def __init__(
         self, plan: Plan, store, committed: set[int], projection: Projection | None, *, clean: bool, run_id: str, err: TextIO,
-        heartbeat: LockHeartbeat | None = None, worker: type | None = None,
+        heartbeat: LockHeartbeat | None = None, redone: Sequence[str] = (), worker: type | None = None,
     ) -> None:
         self.plan, self.store, self.projection, self.run_id, self.err = plan, store, projection, run_id, err
         self.heartbeat, self.worker = heartbeat, worker
@@ -197,18 +236,15 @@ class Driver:
         self.todo_samples = sum(t.shard.num_samples for t in self.queue)
         self.todo_shards = len(self.queue)
         self.progress = ProgressBar(self.todo_samples, desc="precompute", unit="img", stream=err)
-        self.pool: ActorPool | None = None
+        self.pool: SlotPool | None = None
+        self.redone = list(redone)  # committed shards computed again because rows of theirs lost their objects
 
     def run(self) -> dict:
         """Computes every queued shard (or stops on the error limit or a fatal failure) and returns the report."""
         started_at, start = datetime.now(timezone.utc), time.monotonic()
         try:
             if self.queue:
-                config = self.plan.config
-                self.pool = ActorPool(
-                    config, actor_resources(config), projection=self.projection, run_id=self.run_id, prefix=ACTOR_PREFIX, err=self.err,
-                    worker=self.worker,
-                )
+                self.pool = self._make_pool()
                 self._loop(self.pool)
             self.progress.set(self.total.samples, self._postfix())  # drawn once more by close()
             self._check_some_succeeded()
@@ -218,62 +254,44 @@ class Driver:
             self.progress.close()
         return self._report(started_at, time.monotonic() - start)
 
-    def _loop(self, pool: ActorPool) -> None:
-        """Hands queued shards to placed idle actors, collects results, and keeps the pool sized to the work left."""
+    def _make_pool(self) -> SlotPool:
+        """Ray actors, or with ``in_process`` one worker in this process (Ray is not imported)."""
+        config = self.plan.config
+        if config.in_process:
+            from pipeline.precompute.local import LocalPool
+
+            if self.worker is not None:  # materialize's actors read compact rows; LocalPool builds precompute's worker
+                raise ConfigError(f"in-process mode: expected precompute's worker, got {self.worker.__name__}, which runs "
+                                  "on Ray actors only (run it without in-process mode)")
+            return LocalPool(config, projection=self.projection, run_id=self.run_id)
+        return ActorPool(config, actor_resources(config), projection=self.projection, run_id=self.run_id, prefix=ACTOR_PREFIX,
+                         err=self.err, worker=self.worker)
+
+    def _loop(self, pool: SlotPool) -> None:
+        """Hands queued shards to ready idle workers, collects results, and keeps the pool sized to the work left."""
         while self.failure is None and (self.queue or pool.busy()):
             pool.fill(len(self.queue) + len(pool.busy()))
             pool.poll()
-            self._check_start_failures(pool)
+            if pool.start_failure is not None and self.failure is None:
+                self.failure = pool.start_failure
             for slot in pool.idle():
                 if self.queue:
-                    self._assign(slot, self.queue.popleft())
-            ready = self._wait(pool.refs())
-            for slot in [s for s in pool.busy() if s.ref in ready]:
-                self._collect(slot)
+                    pool.submit(slot, self.queue.popleft())
+            for slot in pool.wait(TICK_S):
+                self._collect(pool, slot)
             self._check_error_limit()
-            self._poll_progress(pool.busy())
+            pool.poll_progress()
             self.progress.set(self.total.samples + sum(s.progress for s in pool.busy()), self._postfix())
             if self.heartbeat is not None and self.heartbeat.error is not None:
                 self.failure = f"the store's lock could not be renewed: {self.heartbeat.error}"
 
-    @staticmethod
-    def _wait(refs: list) -> list:
-        """The refs that are ready after at most one tick (one is enough to act on)."""
-        import ray
-
-        if not refs:
-            time.sleep(TICK_S)
-            return []
-        ready, _ = ray.wait(refs, num_returns=1, timeout=TICK_S)
-        return ready
-
-    def _check_start_failures(self, pool: ActorPool) -> None:
-        if pool.start_failures >= MAX_START_FAILURES and self.failure is None:
-            self.failure = f"{pool.start_failures} precompute actors failed to start; last error: {pool.last_start_error}"
-
-    def _assign(self, slot: Slot, task: ShardTask) -> None:
-        slot.task, slot.progress, slot.progress_ref = task, 0, None
-        slot.ref = slot.actor.process_shard.remote(task)
-
-    def _collect(self, slot: Slot) -> None:
+    def _collect(self, pool: SlotPool, slot: Slot) -> None:
         """Takes a finished shard's result, or requeues it after a worker death (the pool replaces the actor) or failure."""
-        import ray
-        from ray.exceptions import RayActorError, RayTaskError
-
-        task, ref = slot.task, slot.ref
-        slot.task, slot.ref, slot.progress, slot.progress_ref = None, None, 0, None
+        task = slot.task
         try:
-            result: ShardResult = ray.get(ref)
-        except RayActorError as e:
-            self.pool.lost(slot)
-            self._retry(task, f"its worker died ({first_line(e)})")
-            return
-        except RayTaskError as e:
-            cause = getattr(e, "cause", None)
-            if isinstance(cause, TransientIOError):  # storage stayed down for the whole retry budget
-                self._retry(task, str(cause))
-            else:
-                self._retry(task, f"its worker failed ({first_line(e)})")
+            result: ShardResult = pool.take(slot)
+        except ShardLost as e:
+            self._retry(task, e.reason)
             return
         self._record(result)
 
@@ -299,7 +317,8 @@ class Driver:
         actor.update({"shards": 1, "samples": result.num_samples, "busy_s": result.wall_s})
 
     def _postfix(self) -> str:
-        return precompute_postfix(self.total.shards, self.todo_shards, self._errors())
+        compiling = self.pool is not None and any(s.compiling for s in self.pool.busy())
+        return precompute_postfix(self.total.shards, self.todo_shards, self._errors(), compiling)
 
     def _check_some_succeeded(self) -> None:
         """A finished job in which no sample of the store succeeded has failed, whatever --max-errors allows."""
@@ -317,33 +336,17 @@ class Driver:
                 f"(at most {self.limit} of {self.plan.num_rows} samples)"
             )
 
-    def _poll_progress(self, slots: list[Slot]) -> None:
-        """Asks busy actors how far they are into their shard (answers arrive by the next tick)."""
-        import ray
-
-        for slot in slots:
-            if slot.task is None:
-                continue
-            if slot.progress_ref is not None:
-                ready, _ = ray.wait([slot.progress_ref], timeout=0)
-                if not ready:
-                    continue
-                try:
-                    slot.progress = min(float(ray.get(ready[0])), slot.task.shard.num_samples)  # fractional: implicit fits
-                except Exception:  # the actor died: its shard's result says so
-                    pass
-            slot.progress_ref = slot.actor.progress.remote()
-
     def _actors_report(self) -> dict:
         """Actors wanted, started and lost, each actor's throughput and node, and the work done per node."""
         pool = self.pool
         nodes = {name: pool.node_of(name) for name in self.total.per_actor} if pool else {}
         return {
+            "mode": "in-process" if self.plan.config.in_process else "ray",  # in-process: one worker here, no Ray
             "count": self.plan.config.actors,
             "started": pool.started if pool else 0,
             "restarts": pool.deaths if pool else 0,
-            "per_actor": _per_actor(self.total.per_actor, nodes),
-            "nodes": _per_node(self.total.per_actor, nodes),
+            "per_actor": per_actor(self.total.per_actor, nodes),
+            "nodes": actors_per_node(self.total.per_actor, nodes),
         }
 
     def _report(self, started_at: datetime, wall_s: float) -> dict:
@@ -351,7 +354,7 @@ class Driver:
         t, plan = self.total, self.plan
         reasons = self.previous[1] + t.reasons
         busy = sum(t.times[k] for k in ("read_wait", "model", "write"))
-        return {
+        return mask_json({  # URLs may carry credentials (pre-signed, user:password@): report.json is shared
             "status": "complete" if self.failure is None else "failed",
             "failure": self.failure,
             "run_id": self.run_id,
@@ -366,6 +369,7 @@ class Driver:
                 "computed": t.shards,
                 "retries": t.retries,
                 "read_errors": t.shard_errors,
+                "redone_for_lost_rows": self.redone,
             },
             "samples": {
                 "total": plan.num_rows,
@@ -381,15 +385,29 @@ class Driver:
             "actors": self._actors_report(),
             "time_split_s": {k: round(v, 3) for k, v in t.times.items()},
             "time_split_fraction": {k: round(t.times[k] / busy, 4) for k in ("read_wait", "model", "write")} if busy else {},
-        }
+        })
 
 
-def _machine_cpus() -> int:
-    """The CPUs a local job shares out: those of the Ray already running in this process, else this machine's."""
-    import ray
+def check_local_devices(config: PrecomputeConfig) -> None:
+    """A local run's CUDA request on a machine without a usable GPU is a ConfigError at once (a cluster is not checked:
+    its GPU nodes may differ from the driver's machine)."""
+    if config.address is not None:
+        return
+    wants_cuda = config.device.startswith("cuda") or (config.gpus_per_actor or 0) > 0
+    if wants_cuda:
+        from featup.devices import resolve_device
 
-    if ray.is_initialized():
-        return max(1, int(ray.cluster_resources().get("CPU", 1)))
+        resolve_device(config.device if config.device.startswith("cuda") else "cuda")
+
+
+def _machine_cpus(config: PrecomputeConfig) -> int:
+    """The CPUs a local job shares out: those of the Ray already running in this process, else this machine's (always
+    this machine's for an in-process job, which does not import Ray)."""
+    if not config.in_process:
+        import ray
+
+        if ray.is_initialized():
+            return max(1, int(ray.cluster_resources().get("CPU", 1)))
     return os.cpu_count() or 1
 
 
@@ -398,55 +416,8 @@ def _local_cpus(config: PrecomputeConfig) -> int:
     return 0 if config.actors == "auto" else math.ceil(config.actors * config.cpus_per_actor)
 
 
-def actor_resources(config: PrecomputeConfig) -> dict[str, float]:
-    """Ray resources of one actor; GPUs default to 1 when its device is CUDA (or auto and the cluster has GPUs).
-
-    On a local Ray an actor that can never be placed is a ConfigError (a cluster may still grow, so it is not checked).
-    """
-    import ray
-
-    available = ray.cluster_resources()
-    gpus = config.gpus_per_actor
-    if gpus is None:
-        wants_gpu = config.device.startswith("cuda") or (config.device == "auto" and available.get("GPU", 0) >= 1)
-        gpus = 1 if wants_gpu else 0
-    if config.address is None:
-        for name, need in (("CPU", config.cpus_per_actor), ("GPU", gpus)):
-            if need > available.get(name, 0):
-                flag = f"--{name.lower()}s-per-actor"
-                raise ConfigError(f"{flag}: expected at most the {available.get(name, 0):g} {name}s of this machine, got {need:g}")
-    return {"num_cpus": config.cpus_per_actor, "num_gpus": gpus}
-
-
 def _previous_errors(store) -> tuple[int, Counter]:
     """Failed samples (and their reasons) of the shards committed by earlier runs."""
     index = store.read_index()
     errors = [e for s, e in zip(index["status"].to_pylist(), index["error"].to_pylist()) if s == "error"]
     return len(errors), Counter(errors)
-
-
-def _per_actor(stats: dict[str, Counter], nodes: dict[str, dict]) -> dict[str, dict]:
-    return {
-        name: {"shards": s["shards"], "samples": s["samples"], "busy_s": round(s["busy_s"], 3),
-               "images_per_s": round(s["samples"] / s["busy_s"], 3) if s["busy_s"] else 0.0,
-               "node_id": nodes.get(name, {}).get("node_id"), "node_ip": nodes.get(name, {}).get("node_ip"),
-               "decode_threads": nodes.get(name, {}).get("decode_threads"),
-               "torch_threads": nodes.get(name, {}).get("torch_threads"),
-               "write_threads": nodes.get(name, {}).get("write_threads")}
-        for name, s in stats.items()
-    }
-
-
-def _per_node(stats: dict[str, Counter], nodes: dict[str, dict]) -> dict[str, dict]:
-    """Actors, shards and samples per node id (two nodes on one machine share an IP, so nodes are told apart by id)."""
-    out: dict[str, dict] = {}
-    for name, s in stats.items():
-        info = nodes.get(name, {})
-        node = out.setdefault(
-            str(info.get("node_id")),
-            {"ip": info.get("node_ip"), "resources": info.get("node_resources", {}), "actors": 0, "shards": 0, "samples": 0},
-        )
-        node["actors"] += 1
-        node["shards"] += s["shards"]
-        node["samples"] += s["samples"]
-    return out

@@ -13,7 +13,7 @@ from torch import nn
 
 from featup.devices import resolve_device
 from featup.errors import ConfigError
-from pipeline.precompute.config import PrecomputeConfig
+from pipeline.precompute.config import SUCCESSORS, PrecomputeConfig
 from pipeline.precompute.implicit import PerImageImplicit
 from pipeline.runtime.models import build_seeded_backbone, seeded_global_generator
 
@@ -69,6 +69,8 @@ class FeatureExtractor:
             )
         if config.upsampler == "implicit":  # no upsampler to load: a network is fitted to each image
             self.upsampler = PerImageImplicit(self.backbone, config.implicit, config.seed)
+        elif config.upsampler in SUCCESSORS:  # published weights; the guidance image converted to their normalisation
+            self.upsampler = load_successor_for(config, self.backbone, self.device, self.dtype)
         else:
             stages = max(1, round(math.log2(self.output_size[0] / self.lowres_size[0])))
             upsampler = build_upsampler_for(config, self.backbone.dim, num_stages=stages, trained=trained)
@@ -130,9 +132,28 @@ class FeatureExtractor:
             "backbone_weights": self.backbone.weights_id,
             "backbone_stride": self.stride,
             "backbone_dim": self.backbone.dim,
+            "backbone_mean": list(self.backbone.mean),  # how the stored images were normalised for the backbone
+            "backbone_std": list(self.backbone.std),
             "checkpoint_sha256": getattr(self.upsampler, "sha256", None),
             "compute_dtype": str(self.dtype).removeprefix("torch."),
+            **self._guidance_provenance(),
         }
+
+    def _guidance_provenance(self) -> dict[str, Any]:
+        """A successor's guidance-image normalisation (the backbone's images are converted to it)."""
+        norm = getattr(self.upsampler, "image_norm", None) if self.config.upsampler in SUCCESSORS else None
+        return {} if norm is None else {"guidance_mean": list(norm.mean), "guidance_std": list(norm.std)}
+
+    def check_sizes(self) -> None:
+        """Run a successor once on zeros of the job's shapes, so that a size it cannot take (NAF's window rule,
+        AnyUp's 2x2 minimum) is one clear error before the job starts rather than an error row per sample."""
+        if self.config.upsampler not in SUCCESSORS:
+            return
+        size = self.config.image_size
+        lr = torch.zeros(1, self.backbone.dim, *self.lowres_size, device=self.device, dtype=self.dtype)
+        image = torch.zeros(1, 3, size, size, device=self.device, dtype=self.dtype)
+        with torch.inference_mode():
+            self.upsampler(lr, image, self.output_size)
 
     @torch.inference_mode()
     def lowres(self, images: torch.Tensor) -> torch.Tensor:
@@ -165,8 +186,9 @@ class FeatureExtractor:
         return getattr(self.upsampler, "progress", 0.0)
 
     def _upsample(self, lr: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        if self.config.upsampler == "implicit":  # fitted under grad inside, whatever the caller's mode
-            hr = self.upsampler(lr, x, self.output_size).to(self.dtype)  # (B, C, H, W)
+        # implicit: fitted under grad inside, whatever the caller's mode; successors: their own dtype (the wrapper)
+        if self.config.upsampler == "implicit" or self.config.upsampler in SUCCESSORS:
+            hr = self.upsampler(lr, x, self.output_size).to(self.dtype)  # (B, C, H, W); a PCA maps the output
             return hr if self._weight is None else self._apply_projection(hr)
         if self._weight is None:
             return self.upsampler(lr, x, self.output_size)
@@ -206,10 +228,11 @@ class FeatureExtractor:
 
 
 def load_checkpoint_for(config: PrecomputeConfig) -> nn.Module | None:
-    """The trained JBU of ``--checkpoint`` (path, URL or ``featup:`` name, read once), or None without one."""
+    """The trained JBU of ``--checkpoint`` (path, URL or ``featup:`` name, read once), or None without one (or for
+    a successor, whose checkpoint ``load_successor_for`` reads)."""
     from featup.checkpoint import load_featup_checkpoint
 
-    if config.checkpoint_location is None:
+    if config.checkpoint_location is None or config.upsampler in SUCCESSORS:
         return None
     location = config.checkpoint_location
     return load_featup_checkpoint(location.url, backend=config.kernel_backend, **location.options)
@@ -240,6 +263,21 @@ def build_upsampler_for(config: PrecomputeConfig, dim: int, num_stages: int = 4,
     if reset is not None:
         reset(torch.Generator().manual_seed(config.seed))
     return upsampler
+
+
+def load_successor_for(config: PrecomputeConfig, backbone: nn.Module, device: torch.device, dtype: torch.dtype) -> nn.Module:
+    """The successor of ``--upsampler`` with ``--checkpoint``'s weights (published name, path or URL) for ``backbone``:
+    checked against the backbone it was trained for and fed the image in its own normalisation (``featup.hub``).
+
+    It runs in the job's compute dtype, except a kind that needs float32 (LoftUp's sine encoding).
+    """
+    from featup import hub
+
+    location = config.checkpoint_location
+    upsampler = hub.load_upsampler(config.upsampler, location.url, progress=False, **location.options)
+    guided = hub.for_backbone(upsampler, backbone)
+    run_dtype = torch.float32 if SUCCESSORS[config.upsampler].full_precision else dtype
+    return guided.to(device=device, dtype=run_dtype).eval()
 
 
 def _projection_tensors(projection: Projection | None, device: torch.device, dtype: torch.dtype):

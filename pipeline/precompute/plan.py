@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -19,14 +17,17 @@ from featup import __version__
 from featup.errors import ConfigError, InputError
 from pipeline.precompute.config import FINGERPRINT_FIELDS, PrecomputeConfig
 from pipeline.precompute.extract import FeatureExtractor, Projection
+from pipeline.precompute.inputs import shards_sha256
 from pipeline.runtime.progress import format_duration, human_bytes
+from pipeline.runtime.secrets import mask_argv, mask_json
 from pipeline.runtime.storage import Location
 
 if TYPE_CHECKING:
     from featup.upsamplers.implicit_fit import FitTiming
 
-# Attributes a resumed run must match besides the config fingerprint: the inputs' layout and the exact model.
-LAYOUT_KEYS = ("num_shards", "num_rows", "shards_sha256", "backbone_weights", "checkpoint_sha256", "feature_channels")
+# Attributes a resumed run must match besides the config fingerprint: the inputs' layout and the exact model (the
+# shards themselves, ``shards_sha256``, are checked by ``pipeline.precompute.inputs.check_inputs``, which names them).
+LAYOUT_KEYS = ("num_shards", "num_rows", "backbone_weights", "checkpoint_sha256", "feature_channels")
 COMPAT_KEYS = (*FINGERPRINT_FIELDS, *LAYOUT_KEYS)
 BROKEN_KEY = ""  # key of the placeholder row that records an unreadable or truncated shard in the index
 QUICK_FIT_STEPS = 2  # implicit fits in the plan's measurements (bytes on disk) are this short
@@ -70,6 +71,7 @@ def make_plan(config: PrecomputeConfig, command_line: Sequence[str] = ()) -> Pla
     shards = scan_inputs(urls, config.storage_options, retry=config.retry)
     offsets = np.concatenate([[0], np.cumsum([s.num_samples for s in shards])[:-1]]).astype(int).tolist() if shards else []
     extractor = FeatureExtractor(replace(config, kernel_backend="eager"), device="cpu")  # runs once at most: no compile
+    extractor.check_sizes()  # a successor refuses sizes it cannot take here, not once per sample
     if config.channels is not None and config.channels > extractor.backbone.dim:
         raise ConfigError(f"--channels: expected at most the backbone's {extractor.backbone.dim} channels, got {config.channels}")
     spec = decode_spec(config, extractor)
@@ -207,24 +209,26 @@ def array_specs(plan: Plan, labels: dict[str, tuple[tuple[int, ...], str]]) -> l
 
 
 def store_attrs(plan: Plan, command_line: Sequence[str]) -> dict[str, Any]:
-    """The store's provenance attributes: the config fingerprint, the inputs' layout and the model that made it."""
-    layout = [[s.url, s.num_samples] for s in plan.shards]
+    """The store's provenance attributes: the config fingerprint, the inputs' layout and the model that made it.
+
+    Credentials never reach them: the command line and every URL are masked (``pipeline.runtime.secrets``).
+    """
     provenance = plan.extractor.provenance()
-    return {
+    return mask_json({
         **plan.config.store_fingerprint(),
         "num_shards": len(plan.shards),
         "num_rows": plan.num_rows,
-        "shards_sha256": hashlib.sha256(json.dumps(layout).encode()).hexdigest(),
+        "shards_sha256": shards_sha256(plan.shards),  # URLs, sample counts and content identities (size, ETag or mtime)
         **provenance,
         "output_size": list(plan.extractor.output_size),
         "lowres_size": list(plan.extractor.lowres_size),
         "feature_channels": plan.config.channels or provenance["backbone_dim"],
         "storage_dtype": plan.config.storage_dtype,
         "featup_version": __version__,
-        "command_line": list(command_line),
+        "command_line": mask_argv(command_line),
         "created_at": datetime.now(timezone.utc).isoformat(),
         "pca": None,
-    }
+    })
 
 
 def sample_decoded(plan: Plan, count: int) -> list:

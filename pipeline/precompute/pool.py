@@ -5,7 +5,8 @@ actor is demand the autoscaler sees. The pool hands work only to actors that ans
 died, or that waits for a node that is not there yet, may stay pending forever, and a shard given to it would never
 come back. With ``--actors auto`` the pool counts the actors that fit on the live nodes every few seconds, so it grows
 as nodes join; pending actors beyond what the remaining work needs are dropped. Work is pulled (an idle actor takes
-the next shard), so faster nodes take more shards.
+the next shard), so faster nodes take more shards. The driver drives the pool through the ``SlotPool`` interface
+(pipeline.precompute.slots), as it drives the in-process pool.
 """
 
 from __future__ import annotations
@@ -17,8 +18,11 @@ import time
 from dataclasses import dataclass, field, replace
 from typing import Any, TextIO
 
+from featup.errors import ConfigError
 from pipeline.precompute.config import PrecomputeConfig
 from pipeline.precompute.extract import Projection
+from pipeline.precompute.slots import ShardLost, Slot, SlotPool, first_line
+from pipeline.runtime.retry import TransientIOError
 from pipeline.precompute.worker import ShardWorker
 from pipeline.precompute.writes import cpu_actor_write_threads
 
@@ -107,6 +111,11 @@ def this_node() -> NodeResources:
         for info in ray.nodes():
             if info["NodeID"] == node_id:
                 return NodeResources.from_ray(info)
+    return machine_node()
+
+
+def machine_node() -> NodeResources:
+    """This machine as a node (id ``local``): its CPUs and the GPUs torch sees."""
     import torch
 
     return NodeResources("local", "127.0.0.1", float(os.cpu_count() or 1), float(torch.cuda.device_count()))
@@ -122,14 +131,17 @@ def _assigned_gpus() -> float:
 
 
 class NodeWorker(ShardWorker):
-    """A ShardWorker that sizes its decode threads from the node it was placed on and says where it runs."""
+    """A ShardWorker that sizes its decode threads from the node it was placed on and says where it runs.
+
+    ``node`` and ``gpus`` default to what Ray says about this actor; an in-process worker passes this machine's.
+    """
 
     def __init__(
         self, config: PrecomputeConfig, *, projection: Projection | None = None, torch_threads: int | None = None,
-        run_id: str | None = None,
+        run_id: str | None = None, node: NodeResources | None = None, gpus: float | None = None,
     ) -> None:
-        node = this_node()
-        gpus = _assigned_gpus()
+        node = node if node is not None else this_node()
+        gpus = gpus if gpus is not None else _assigned_gpus()
         if config.decode_threads is None:
             config = replace(config, decode_threads=decode_threads_for(node, gpus))
         if config.write_threads is None:
@@ -149,22 +161,10 @@ class NodeWorker(ShardWorker):
         }
 
 
-@dataclass
-class Slot:
-    """One actor: pending until ``info`` (its ready() answer) arrives, then idle or computing ``task``."""
-
-    actor: Any
-    name: str
-    ready_ref: Any
-    info: dict[str, Any] | None = None
-    task: Any = None  # pipeline.worker.ShardTask
-    ref: Any = None
-    progress_ref: Any = None
-    progress: int = 0
-
-
-class ActorPool:
+class ActorPool(SlotPool):
     """The precompute actors of one run: starts them, tracks which are placed, grows and shrinks to the work left."""
+
+    mode = "ray"
 
     def __init__(
         self, config: PrecomputeConfig, resources: dict[str, float], *, projection: Projection | None, run_id: str,
@@ -192,14 +192,11 @@ class ActorPool:
             self._target = (now, max(1, fit))
         return self._target[1]
 
-    def idle(self) -> list[Slot]:
-        return [s for s in self.slots if s.info is not None and s.task is None]
-
-    def busy(self) -> list[Slot]:
-        return [s for s in self.slots if s.task is not None]
-
-    def pending(self) -> list[Slot]:
-        return [s for s in self.slots if s.info is None]
+    @property
+    def start_failure(self) -> str | None:
+        if self.start_failures < MAX_START_FAILURES:
+            return None
+        return f"{self.start_failures} precompute actors failed to start; last error: {self.last_start_error}"
 
     def refs(self) -> list[Any]:
         """What the driver waits on: busy actors' results and pending actors' ready() answers."""
@@ -239,6 +236,55 @@ class ActorPool:
                     self.last_start_error = last_line(e)  # the constructor's exception ends Ray's traceback
         self._notice_waiting()
 
+    def submit(self, slot: Slot, task: Any) -> None:
+        slot.start(task, slot.actor.process_shard.remote(task))
+
+    def wait(self, timeout: float) -> list[Slot]:
+        """Busy actors whose result is ready after at most one tick (one is enough to act on; a pending actor's ready()
+        answer also ends the wait)."""
+        import ray
+
+        refs = self.refs()
+        if not refs:
+            time.sleep(timeout)
+            return []
+        ready, _ = ray.wait(refs, num_returns=1, timeout=timeout)
+        return [s for s in self.busy() if s.ref in ready]
+
+    def take(self, slot: Slot) -> Any:
+        """The actor's ShardResult; a dead actor is forgotten (``fill`` replaces it if still needed) and, like a task
+        that raised, is a ShardLost naming the cause."""
+        import ray
+        from ray.exceptions import RayActorError, RayTaskError
+
+        ref = slot.finish()
+        try:
+            return ray.get(ref)
+        except RayActorError as e:
+            self.lost(slot)
+            raise ShardLost(f"its worker died ({first_line(e)})") from e
+        except RayTaskError as e:
+            cause = getattr(e, "cause", None)
+            if isinstance(cause, TransientIOError):  # storage stayed down for the whole retry budget
+                raise ShardLost(str(cause)) from e
+            raise ShardLost(f"its worker failed ({first_line(e)})") from e
+
+    def poll_progress(self) -> None:
+        """Asks busy actors how far they are into their shard (answers arrive by the next tick)."""
+        import ray
+
+        for slot in self.busy():
+            if slot.progress_ref is not None:
+                ready, _ = ray.wait([slot.progress_ref], timeout=0)
+                if not ready:
+                    continue
+                try:
+                    progress, slot.compiling = ray.get(ready[0])
+                    slot.progress = min(float(progress), slot.task.shard.num_samples)  # fractional: implicit fits
+                except Exception:  # the actor died: its shard's result says so
+                    pass
+            slot.progress_ref = slot.actor.status.remote()
+
     def lost(self, slot: Slot) -> None:
         """Forgets an actor that died while computing (its shard is requeued by the driver)."""
         self.deaths += 1
@@ -248,10 +294,6 @@ class ActorPool:
         """Kills every actor of the run."""
         for slot in list(self.slots):
             self._remove(slot)
-
-    def node_of(self, worker: str) -> dict[str, Any]:
-        """The ready() answer of a worker (its node), or {} when it never answered."""
-        return self.placed.get(worker, {})
 
     def _start(self) -> Slot:
         import ray
@@ -288,13 +330,27 @@ class ActorPool:
             )
 
 
+def actor_resources(config: PrecomputeConfig) -> dict[str, float]:
+    """Ray resources of one actor; GPUs default to 1 when its device is CUDA (or auto and the cluster has GPUs).
+
+    On a local Ray an actor that can never be placed is a ConfigError (a cluster may still grow, so it is not checked).
+    """
+    import ray
+
+    available = ray.cluster_resources()
+    gpus = config.gpus_per_actor
+    if gpus is None:
+        wants_gpu = config.device.startswith("cuda") or (config.device == "auto" and available.get("GPU", 0) >= 1)
+        gpus = 1 if wants_gpu else 0
+    if config.address is None:
+        for name, need in (("CPU", config.cpus_per_actor), ("GPU", gpus)):
+            if need > available.get(name, 0):
+                flag = f"--{name.lower()}s-per-actor"
+                raise ConfigError(f"{flag}: expected at most the {available.get(name, 0):g} {name}s of this machine, got {need:g}")
+    return {"num_cpus": config.cpus_per_actor, "num_gpus": gpus}
+
+
 def last_line(error: BaseException) -> str:
     """The last line of the error's message (the original exception of a remote traceback), at most 300 characters."""
     text = str(error).strip().splitlines()
     return (text[-1].strip() if text else type(error).__name__)[:300]
-
-
-def first_line(error: BaseException) -> str:
-    """The error's type and first message line, at most 300 characters."""
-    text = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {text[0] if text else ''}"[:300]

@@ -13,6 +13,7 @@ import threading
 import time
 from collections import Counter
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import closing
 from dataclasses import dataclass, field, replace
 from typing import Any, Iterator
 
@@ -29,6 +30,10 @@ from pipeline.runtime.storage import quiet_abandoned_request_errors
 
 MAX_REASONS = 50  # distinct error reasons a result carries; more are counted under OTHER_REASONS
 _DONE = object()
+
+
+class ShardCancelled(Exception):
+    """The shard being computed was stopped by ``ShardWorker.cancel`` (its job is ending); it is not committed."""
 
 
 @dataclass(frozen=True)
@@ -95,6 +100,7 @@ class ShardWorker:
         self.run_id = run_id  # when set, shards are committed only while this run holds the store's lock
         self._store = None
         self._done_in_shard = 0
+        self._cancelled = threading.Event()
 
     def pid(self) -> int:
         """This worker's process id (the fault tests kill it)."""
@@ -103,6 +109,17 @@ class ShardWorker:
     def progress(self) -> float:
         """Samples done so far in the shard being computed, fractional during implicit fits (polled for the progress bar)."""
         return self._done_in_shard + self.extractor.image_progress
+
+    def status(self) -> tuple[float, bool]:
+        """(``progress()``, whether kernels are being compiled in the background): polled for the progress bar."""
+        from featup.ops.compiled import compiling
+
+        return self.progress(), compiling()
+
+    def cancel(self) -> None:
+        """Stops the shard being computed at its next sample, uncommitted (an in-process job that ends: a thread cannot
+        be killed the way a Ray actor is)."""
+        self._cancelled.set()
 
     def store(self):
         """The store, opened on first use inside this process (zarr and s3fs clients do not survive fork or pickling)."""
@@ -122,9 +139,11 @@ class ShardWorker:
         rows: dict[int, dict] = {}
         self._done_in_shard = 0
         writes = RowWriter(store, self.config.write_threads)
-        with ThreadPoolExecutor(self.config.decode_threads, thread_name_prefix="decode") as pool, writes:
+        with ThreadPoolExecutor(self.config.decode_threads, thread_name_prefix="decode") as pool, writes, \
+                closing(self._samples(task, pool, result)) as samples:  # an error stops the reader thread too
             batch = _Batch()
-            for position, sample in self._samples(task, pool, result):
+            for position, sample in samples:
+                self._check_cancelled(task)
                 row = task.start_row + position
                 sample = self._check_labels(sample, store)
                 rows[row] = _index_row(row, task.shard.url, sample)
@@ -141,12 +160,17 @@ class ShardWorker:
             writes.wait(result, keep=0)  # every row is written before the shard is committed
         self._add_missing(rows, task, result)
         t = time.perf_counter()
+        self._check_cancelled(task)
         self._check_lock(store)
         store.commit_shard(task.shard.index, build_index_table([rows[r] for r in sorted(rows)]))
         result.write_s += time.perf_counter() - t
         _count(rows.values(), result)
         result.wall_s = time.perf_counter() - start
         return result
+
+    def _check_cancelled(self, task: ShardTask) -> None:
+        if self._cancelled.is_set():
+            raise ShardCancelled(f"shard {task.shard.url}: stopped before it was committed")
 
     def _check_lock(self, store) -> None:
         """Refuses to commit for a run that no longer holds the lock (an orphan of a dead driver, say)."""
@@ -164,19 +188,20 @@ class ShardWorker:
 
         keys = task.shard.keys
         position = 0
-        for item in _prefetch(task.shard, self.config, self.spec, pool, result):
-            if isinstance(item, str):  # the shard could not be read (further): the rest of it fails with this reason
-                result.shard_error = item
-                return
-            if position >= len(keys):
-                result.shard_error = f"shard {task.shard.url}: expected {len(keys)} samples as scanned, got more"
-                return
-            if item.key != keys[position]:
-                item = FailedSample(keys[position], f"sample key: expected {keys[position]!r} as scanned, got {item.key!r}")
-            elif position in task.duplicates:
-                item = FailedSample(item.key, task.duplicates[position])
-            yield position, item
-            position += 1
+        with closing(_prefetch(task.shard, self.config, self.spec, pool, result)) as items:  # closed: its reader stops
+            for item in items:
+                if isinstance(item, str):  # the shard could not be read (further): the rest of it fails with this reason
+                    result.shard_error = item
+                    return
+                if position >= len(keys):
+                    result.shard_error = f"shard {task.shard.url}: expected {len(keys)} samples as scanned, got more"
+                    return
+                if item.key != keys[position]:
+                    item = FailedSample(keys[position], f"sample key: expected {keys[position]!r} as scanned, got {item.key!r}")
+                elif position in task.duplicates:
+                    item = FailedSample(item.key, task.duplicates[position])
+                yield position, item
+                position += 1
 
     def _check_labels(self, sample: Any, store) -> Any:
         """The sample, or a FailedSample when a label does not fit the array laid out for it (shape or dtype)."""

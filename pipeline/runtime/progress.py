@@ -61,8 +61,13 @@ class _Lines:
         self.stream.flush()
 
 
-def precompute_postfix(shards: int, total_shards: int, errors: int) -> str:
-    return f"shards {shards}/{total_shards}, {errors} errors"
+COMPILING_NOTE = "compiling kernels, first run on this machine (eager kernels meanwhile)"
+
+
+def precompute_postfix(shards: int, total_shards: int, errors: int, compiling: bool = False) -> str:
+    """The bar's postfix: shards done, errors, and a note while an actor compiles its kernels in the background."""
+    text = f"shards {shards}/{total_shards}, {errors} errors"
+    return f"{text}, {COMPILING_NOTE}" if compiling else text
 
 
 def format_progress(samples: float, total: int, shards: int, total_shards: int, errors: int, elapsed: float) -> str:

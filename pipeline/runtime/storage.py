@@ -45,14 +45,15 @@ def parse_storage_options(pairs: list[str] | tuple[str, ...]) -> dict[str, Any]:
     options: dict[str, Any] = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"--storage-option: expected KEY=VALUE, got {pair!r}")
+        if not sep or not key:  # the whole text may be a secret given without its key: never echoed
+            raise ConfigError(
+                "--storage-option: expected KEY=VALUE, got a value without a key and '=' (not shown: it may be a secret)")
         *parents, leaf = key.split(".")
         target = options
         for parent in parents:
             target = target.setdefault(parent, {})
             if not isinstance(target, dict):
-                raise ConfigError(f"--storage-option {pair!r}: expected {parent!r} to be a group of options, got a value")
+                raise ConfigError(f"--storage-option {key}=***: expected {parent!r} to be a group of options, got a value")
         target[leaf] = _option_value(value)
     return options
 

@@ -21,7 +21,7 @@ from typing import Iterator
 from webdataset.tariterators import base_plus_ext, tar_file_iterator
 
 from pipeline.sources.streams import TarContentError
-from pipeline.sources.tar_reader import Damage, Member, NotATarError, TarReader, Truncation
+from pipeline.sources.tar_reader import Damage, Member, MissingEnd, NotATarError, TarReader, Truncation
 
 # Member names WebDataset's tar iterator skips as metadata (its own default, read so the two never drift apart).
 SKIP_META = inspect.signature(tar_file_iterator).parameters["skip_meta"].default
@@ -49,9 +49,11 @@ def damaged_key(start: int, end: int) -> str:
 
 
 class SampleGrouper:
-    """Raw samples of one tar, in order; after iteration ``truncated`` holds why the tar ended early, if it did.
+    """Raw samples of one tar, in order; after iteration ``truncated`` holds why the tar ended early, if it did, and
+    ``missing_end`` whether that was a file cut at a header (no end-of-archive marker) rather than inside a member.
 
-    On truncation the sample being read at the break is dropped (as it always was), the samples before it are kept.
+    On truncation or a cut the sample being read at the break is dropped (as it always was: more of its members may
+    have followed), the samples before it are kept.
     A damaged region naming no member is held until the next member: if that member continues the sample being
     grouped, the damage is inside that sample and flags it; otherwise it becomes an error record of its own.
     """
@@ -59,6 +61,7 @@ class SampleGrouper:
     def __init__(self, reader: TarReader, url: str, load: bool = True) -> None:
         self.reader, self.url, self.load = reader, url, load
         self.truncated: str | None = None
+        self.missing_end = False
         self.count = 0  # samples (and error records) yielded
         self._current: dict | None = None
         self._pending: Damage | None = None  # a damaged region naming no member, not yet placed
@@ -82,7 +85,7 @@ class SampleGrouper:
         """Finished samples and error records as the events come."""
         for event in self.reader:
             self._seen += 1
-            if isinstance(event, Truncation):
+            if isinstance(event, (Truncation, MissingEnd)):
                 records = self._truncation(event)
             elif isinstance(event, Damage):
                 records = self._damage(event)
@@ -91,14 +94,15 @@ class SampleGrouper:
             for record in records:
                 self.count += 1
                 yield record
-            if isinstance(event, Truncation):
+            if isinstance(event, (Truncation, MissingEnd)):
                 return
 
-    def _truncation(self, event: Truncation) -> list[dict]:
+    def _truncation(self, event: Truncation | MissingEnd) -> list[dict]:
         """The tar ends early: the records still held, less the sample being read at the break."""
-        self.truncated = event.reason()
+        self.truncated, self.missing_end = event.reason(), isinstance(event, MissingEnd)
         done = self._place_pending(None)
         if self._current is not None and self._last_key == self._current["__key__"]:
+            self.truncated += f"; sample {self._current['__key__']}, being read there, is left out"
             self._current = None  # the sample being read at the break: incomplete
         return done
 

@@ -6,7 +6,8 @@ filters and ``base_plus_ext`` key rule), so ``scan_shard(url).keys`` is exactly 
 
 - *content* errors are facts about the shard: a missing object, access denied or bytes that are not a tar are an
   InputError at scan time (an error marker when reading); a damaged region inside the tar becomes an error record at
-  its place in both; a truncated tar keeps the samples before the break (``ShardInfo.error``, an end marker);
+  its place in both; a truncated tar, or one cut at a header (no end-of-archive marker), keeps the samples before the
+  break (``ShardInfo.error``, an end marker);
 - *transient* errors (connection reset or refused, timeouts, 5xx, SlowDown) are retried within the ``RetryPolicy``
   budget, a broken stream resuming at the byte offset already consumed; once the budget is spent,
   ``TransientIOError`` is raised, never turned into failed samples.
@@ -43,11 +44,14 @@ class ShardInfo:
     index: int
     num_samples: int
     keys: tuple[str, ...]
-    error: str | None = None  # set when the tar ends in a truncated or corrupt member; keys are the samples before it
+    error: str | None = None  # set when the tar ends early (a truncated or corrupt member, no end-of-archive marker);
+    # keys are then the samples before the break
     options: dict = field(default_factory=dict, compare=False, repr=False)  # the storage options that reach ``url``
     # (position in ``keys``, reason) of each entry the read yields with "__error__": damaged tar regions (their own
     # "<damaged bytes A-B>" keys, or the damaged member's key) and samples with a repeated extension.
     flagged: tuple[tuple[int, str], ...] = ()
+    # size and ETag (object stores) or size and modification time (files) of the object scanned: what a resume checks
+    identity: dict = field(default_factory=dict, compare=False)
 
 
 def expand_inputs(
@@ -122,7 +126,7 @@ def scan_shard(url: str, index: int, storage_options: dict | None = None, retry:
     keys = tuple(s["__key__"] for s in samples)
     flagged = tuple((i, s["__error__"]) for i, s in enumerate(samples) if "__error__" in s)
     return ShardInfo(url=url, index=index, num_samples=len(keys), keys=keys, error=grouper.truncated, options=options,
-                     flagged=flagged)
+                     flagged=flagged, identity=raw.identity or {})
 
 
 def scan_shards(
@@ -177,8 +181,15 @@ def iter_shard_samples(url: str, storage_options: dict | None = None, retry: Ret
         except OSError as e:  # a content error of the storage mid-stream (object gone, access revoked)
             grouper.truncated = _cause(e)
         if grouper.truncated is not None:
-            reason = f"expected a complete tar archive, got a read error after {grouper.count} samples ({grouper.truncated})"
-            yield _error_marker(url, f"shard {url}: {reason}")
+            yield _error_marker(url, f"shard {url}: {_early_end(grouper)}")
+
+
+def _early_end(grouper: SampleGrouper) -> str:
+    """Why a read ended early, with the number of entries (samples and error records) kept before the break."""
+    if grouper.missing_end:
+        return (f"expected a tar archive closed by its end-of-archive marker, got one that ends without it after "
+                f"{grouper.count} samples ({grouper.truncated}); the samples after the cut are lost")
+    return f"expected a complete tar archive, got a read error after {grouper.count} samples ({grouper.truncated})"
 
 
 def _error_marker(url: str, reason: str) -> dict:

@@ -40,6 +40,7 @@ class ShardFile:
         self.size: int | None = None  # known once opened, when the file is seekable
         self.seekable = False
         self.opens = 0  # how many times the file was (re)opened
+        self.identity: dict | None = None  # content identity of the object first opened (see content_identity)
         self._file: Any = None
 
     def open(self) -> ShardFile:
@@ -87,6 +88,9 @@ class ShardFile:
             fs, path = fsspec.core.url_to_fs(self.url, **self.options)
             f = _open_exact(fs, path) if self.exact_reads else fs.open(path, "rb")
             try:
+                if self.identity is None:
+                    details = getattr(f, "details", None)  # what a buffered file (s3fs, gcsfs...) learnt when opening
+                    self.identity = content_identity(details if isinstance(details, dict) else fs.info(path))
                 self.seekable = bool(f.seekable())
                 if self.seekable and self.size is None:
                     self.size = f.seek(0, 2)
@@ -126,6 +130,28 @@ class ShardFile:
                 f.close()
             except Exception:
                 pass
+
+
+ETAG_KEYS = ("ETag", "etag", "e_tag")  # s3fs, gcsfs / adlfs / http, others
+MTIME_KEYS = ("mtime", "LastModified", "last_modified", "updated", "created")  # local first; object stores; memory
+
+
+def content_identity(info: dict) -> dict:
+    """What tells one version of a file from another without reading it: its size and ETag where the store gives one
+    (object stores: a rewrite gives a new ETag), else its size and modification time (files), as JSON values.
+
+    Taken from the object the scan opens, so it costs no request of its own; a store that gives neither has only the
+    size."""
+    identity: dict = {"size": info.get("size")}
+    etag = next((info[k] for k in ETAG_KEYS if info.get(k)), None)
+    if etag is not None:
+        identity["etag"] = str(etag)
+        return identity
+    mtime = next((info[k] for k in MTIME_KEYS if info.get(k) is not None), None)
+    if mtime is not None:
+        identity["mtime"] = mtime if isinstance(mtime, (int, float)) else (
+            mtime.isoformat() if hasattr(mtime, "isoformat") else str(mtime))
+    return identity
 
 
 def _open_exact(fs: fsspec.AbstractFileSystem, path: str) -> Any:

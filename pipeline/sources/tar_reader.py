@@ -8,11 +8,15 @@ silently dropping the rest. This reader yields, in tar order:
 - ``Damage`` for each region that is not a tar where a header was expected (bad checksum, unparsable fields,
   zeroed blocks followed by more members, garbage): the bytes up to the next 512-aligned block with a valid
   checksum and the ``ustar`` magic, and the damaged member's name when its header still names one;
-- ``Truncation`` last, when a member's data or padding runs past the end of the file.
+- ``Truncation`` last, when a member's data or padding runs past the end of the file;
+- ``MissingEnd`` last, when the file ends where a header or the end-of-archive marker belongs.
 
-Zero blocks not followed by any valid header are the end of the archive: padding or appended bytes after it are
-ignored. A file cut at (or inside) a header reads as a shorter, complete tar, as in ``tarfile``: tar has no length
-field that would tell otherwise. Header fields are parsed by ``tarfile.TarInfo.frombuf``.
+Every writer closes a tar with the end-of-archive marker, two zero blocks (``tarfile``, GNU tar and bsdtar then pad
+with zeros to a 10240-byte record; webdataset's ``TarWriter`` is ``tarfile``), so a file that ends at a header
+boundary, inside a header or after a single zero block was cut: ``tarfile`` and GNU tar read it as a shorter,
+complete tar, this reader says it ends without the marker. Zero blocks not followed by any valid header are the end
+of the archive: padding or appended bytes after them are ignored. Header fields are parsed by
+``tarfile.TarInfo.frombuf``.
 """
 
 from __future__ import annotations
@@ -71,7 +75,20 @@ class Truncation:
                 f"whose data runs to byte {self.expected}")
 
 
-Event = Union[Member, Damage, Truncation]
+@dataclass(frozen=True)
+class MissingEnd:
+    """The file ends at byte ``end`` without the end-of-archive marker: ``where`` says what the cut fell on."""
+
+    end: int
+    where: str
+
+    def reason(self) -> str:
+        """In words: what is missing, where the file ends, and what that means."""
+        return (f"no end-of-archive marker (two zero blocks): the file ends at byte {self.end}, {self.where}, "
+                "so it was cut there")
+
+
+Event = Union[Member, Damage, Truncation, MissingEnd]
 
 
 @dataclass
@@ -83,7 +100,7 @@ class _Pending:
 
 
 class TarReader:
-    """Iterates a tar stream as Member / Damage / Truncation events; see the module docstring."""
+    """Iterates a tar stream as Member / Damage / Truncation / MissingEnd events; see the module docstring."""
 
     def __init__(self, source: TarBytes) -> None:
         self.source = source
@@ -114,6 +131,7 @@ class TarReader:
             if len(block) < BLOCK:
                 if first:
                     raise NotATarError(_not_a_tar(block, "a truncated header"))
+                yield MissingEnd(self.pos, "inside a header" if block else "where the next header belongs")
                 return
             event, pending = self._event(block, start, pending, first)
             first = False
@@ -121,7 +139,7 @@ class TarReader:
                 return
             if event is not None:
                 yield event
-            if isinstance(event, Truncation) or (isinstance(event, Damage) and not event.resynced):
+            if isinstance(event, (Truncation, MissingEnd)) or (isinstance(event, Damage) and not event.resynced):
                 return
 
     def _event(self, block: bytes, start: int, pending: _Pending, first: bool) -> tuple[Event | None, _Pending]:
@@ -166,7 +184,12 @@ class TarReader:
         return None, pending
 
     def _after_zeros(self, start: int, pending: _Pending) -> Event | None:
-        """Zero blocks: the end of the archive, unless a valid header follows (then they are a damaged region)."""
+        """Zero blocks: the end of the archive, unless a valid header follows (then they are a damaged region);
+        a file that ends before a second whole block has no end-of-archive marker."""
+        following = self._read(BLOCK)
+        self._unread(following)
+        if len(following) < BLOCK:
+            return MissingEnd(self.pos + len(following), "inside the end-of-archive marker (one zero block of two)")
         found = self._resync()
         if found is None:
             return _END

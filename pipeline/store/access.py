@@ -11,7 +11,8 @@ from __future__ import annotations
 
 from typing import Callable, TypeVar
 
-from featup.errors import ConfigError, InputError
+from featup.errors import ConfigError, FeatUpError, InputError
+from pipeline.runtime.preflight import storage_problem
 from pipeline.runtime.retry import RetryPolicy, describe
 
 T = TypeVar("T")
@@ -25,8 +26,9 @@ def retry_policy(retry: RetryPolicy | None) -> RetryPolicy:
 
 
 def store_call(retry: RetryPolicy, operation: str, target: str, fn: Callable[..., T], *args, writing: bool = True) -> T:
-    """``fn(*args)`` retried on transient errors (TransientIOError when the budget is spent); access denied raises a
-    ConfigError (writing: the output) or an InputError (reading) naming ``target`` and the cause, never a traceback."""
+    """``fn(*args)`` retried on transient errors (TransientIOError when the budget is spent); access denied, missing
+    or rejected credentials and a missing bucket raise a ConfigError (writing: the output) or an InputError (reading)
+    naming ``target`` and the cause, never a traceback."""
     try:
         return retry.call(operation, target, fn, *args)
     except PermissionError as e:
@@ -34,3 +36,10 @@ def store_call(retry: RetryPolicy, operation: str, target: str, fn: Callable[...
         where = "a location this job may write" if writing else "a store this job may read"
         raise kind(f"{operation} {target}: expected {where}, got permission denied ({describe(e)}); "
                    "check the path's permissions or the storage credentials") from None
+    except FeatUpError:
+        raise
+    except Exception as e:  # no credentials, or no such bucket: one line too
+        problem = storage_problem(operation, target, e, writing=writing)
+        if problem is None:
+            raise
+        raise problem from None

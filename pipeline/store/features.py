@@ -1,6 +1,9 @@
 """The feature store: a Zarr v3 group (local path or fsspec URL) with the sample keys, Parquet index files, commit
 markers, a report and a lock (where each lives: ``pipeline/store/layout.py``).
 
+A store is created under its lock, taken before its first byte (``pipeline/store/location.py``): of jobs creating one
+store at the same moment exactly one does.
+
 Every operation on storage goes through the store's RetryPolicy (``retry=`` of ``create``/``open``/``exists``):
 transient faults are retried within its budget, then raise TransientIOError; access denied is a one-line error.
 """
@@ -11,6 +14,7 @@ import json
 import logging
 import os
 import re
+import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Sequence
@@ -27,11 +31,12 @@ from pipeline.runtime.retry import RetryPolicy, is_transient
 from pipeline.runtime.storage import put_atomic
 from pipeline.store.access import retry_policy, store_call
 from pipeline.store.codecs import ZSTD_LEVEL, StorageCodec
+from pipeline.store.integrity import StrictStore
 from pipeline.store.index import check_index_table, concat_index_tables, empty_index_table
 from pipeline.store.layout import (KEYS_ARRAY, LAYOUTS, SIDE_GROUP, STORE_FORMAT, Layout, create_side_group, layout_for,
                                    refuse_resume)
-from pipeline.store.lock import (HEARTBEAT_S, MIN_STALE_S, StoreLock, StoreLockedError, locked_error, read_lock,
-                                 stale_reason)
+from pipeline.store.location import CREATING, LOCK_FILE, clear_location, remove_except_lock, store_meta, writable_location
+from pipeline.store.lock import HEARTBEAT_S, MIN_STALE_S, StoreLock, StoreLockedError
 
 __all__ = ["ArraySpec", "FeatureStore", "StoreLockedError", "STORE_FORMAT", "ZSTD_LEVEL", "check_compatible"]
 
@@ -44,6 +49,7 @@ ROW_DIM = "sample"
 KEY_CHUNK = 1 << 16  # sample keys per chunk of the ``sample`` coordinate (written once, at creation)
 RESERVED_NAMES = ("index", "commits", "report.json", "lock.json", "zarr.json", KEYS_ARRAY, SIDE_GROUP)
 _COMMIT_NAME = re.compile(r"^shard-(\d+)\.json$")
+INPUTS_NAME = "index/inputs.json"  # the shards a store is made from, with their content identity
 
 
 @dataclass(frozen=True)
@@ -64,63 +70,104 @@ class FeatureStore:
     """Rows of per-sample arrays in Zarr plus the committed-shard index; every stored object has exactly one writer."""
 
     def __init__(self, url: str, fs: fsspec.AbstractFileSystem, root: str, group: zarr.Group, storage_options: dict | None,
-                 mode: str, retry: RetryPolicy | None = None, layout: Layout = LAYOUTS[STORE_FORMAT]):
+                 mode: str, retry: RetryPolicy | None = None, layout: Layout = LAYOUTS[STORE_FORMAT],
+                 lock: StoreLock | None = None):
         self.url, self.fs, self.root, self.group = url, fs, root.rstrip("/"), group
         self.storage_options, self.mode = storage_options, mode
         self.retry, self.layout = retry_policy(retry), layout
         self._arrays: dict[str, zarr.Array] = {}
         self._writers: dict[str, zarr.Array] = {}  # the same arrays, configured for row writes (see _writer)
-        self._lock = StoreLock(fs, self._path("lock.json"), url, self.retry)
+        self._lock = lock if lock is not None else StoreLock(fs, self._path("lock.json"), url, self.retry)
+
+    @classmethod
+    def lock_output(cls, url: str, run_id: str, storage_options: dict | None = None, *, overwrite: bool = False,
+                    retry: RetryPolicy | None = None, stale_after_s: float = MIN_STALE_S,
+                    heartbeat_s: float = HEARTBEAT_S) -> StoreLock:
+        """Takes the lock of the store at ``url`` for ``run_id``, whether the store exists yet or not: a job's first step,
+        before it decides, under the lock, between resuming (``open``) and creating (``create``), both given the lock.
+
+        Refused with nothing written: an output holding other data, a store of an older format without ``overwrite``;
+        StoreLockedError (naming the holder) while another job holds the lock."""
+        retry = retry_policy(retry)
+        fs, root = _resolve(url, storage_options)
+        writable_location(url, fs, root, retry, overwrite=overwrite, resume=True)
+        lock = StoreLock(fs, f"{root}/{LOCK_FILE}", url, retry)
+        lock.acquire(run_id, stale_after_s, heartbeat_s)
+        return lock
 
     @classmethod
     def create(cls, url: str, *, num_rows: int, arrays: Sequence[ArraySpec], attrs: dict,
                storage_options: dict | None = None, overwrite: bool = False, keys: Sequence[str] | None = None,
                retry: RetryPolicy | None = None, codec: StorageCodec | None = None,
-               side_nodes: tuple[str, ...] = (), notes: dict[str, str] | None = None) -> FeatureStore:
+               side_nodes: tuple[str, ...] = (), notes: dict[str, str] | None = None,
+               lock: StoreLock | None = None) -> FeatureStore:
         """Creates a new store (``overwrite`` first deletes an existing FeatUp store there) with empty, zero-filled arrays
         and the sample key of every row (``keys``; duplicates allowed, "" where unknown) as the ``sample`` coordinate.
 
         ``codec`` encodes the arrays (default: zstd level 1, one chunk per row, as stores were before codecs);
         ``side_nodes`` names optional side-file folders (``upsampler``: a compact store's upsampler); ``notes`` are
-        top-level group attributes for plain Zarr and xarray users (a compact store's ``features``: how to get them)."""
+        top-level group attributes for plain Zarr and xarray users (a compact store's ``features``: how to get them).
+        Everything is written, and ``overwrite`` deletes, under the store's lock: of jobs creating one store at the same
+        moment exactly one does, the others get StoreLockedError (or, once it is made, the error of an existing store)
+        and write nothing. ``lock``: the lock the caller holds (``lock_output``), kept by the new store; without one,
+        a lock is taken for the creation alone and released once the store is whole."""
         layouts = _check_specs(arrays, num_rows)
         _check_json("store attributes", attrs)
         key_values = _check_keys(keys, num_rows)
         retry = retry_policy(retry)
         fs, root = _resolve(url, storage_options)
-        _clear_location(url, fs, root, overwrite, retry)
+        own = lock is None
+        if own:
+            writable_location(url, fs, root, retry, overwrite=overwrite, resume=False)  # refusals write no lock
+            lock = StoreLock(fs, f"{root}/{LOCK_FILE}", url, retry)
+            lock.acquire(f"create-{uuid.uuid4().hex}")
+        elif not lock.held or lock.path != f"{root}/{LOCK_FILE}":
+            raise ConfigError(f"store {url}: expected the held lock of this location (FeatureStore.lock_output), "
+                              f"got {'a released lock' if not lock.held else 'the lock at ' + lock.path}")
         group_attrs = {"featup": attrs, "featup_store": {"format": STORE_FORMAT, "num_rows": num_rows, "arrays": list(layouts),
                                                          "keys": KEYS_ARRAY, "side_files": SIDE_GROUP}, **(notes or {})}
         codec = codec if codec is not None else LEGACY_CODEC
-        group = store_call(retry, "create the store at", url, _create_group, url, fs, root, storage_options, group_attrs,
-                           layouts, key_values, codec, tuple(side_nodes))
-        return cls(url, fs, root, group, storage_options, "r+", retry)
+        try:
+            meta = writable_location(url, fs, root, retry, overwrite=overwrite, resume=False)  # again, now under the lock
+            clear_location(url, fs, root, meta, retry)
+            group = store_call(retry, "create the store at", url, _create_group, url, fs, root, storage_options, group_attrs,
+                               layouts, key_values, codec, tuple(side_nodes))
+        finally:
+            if own:
+                lock.release()
+        return cls(url, fs, root, group, storage_options, "r+", retry, lock=None if own else lock)
 
     @classmethod
     def open(cls, url: str, storage_options: dict | None = None, mode: str = "r+", *,
-             retry: RetryPolicy | None = None) -> FeatureStore:
+             retry: RetryPolicy | None = None, strict: bool = False, lock: StoreLock | None = None) -> FeatureStore:
         """Opens an existing store for reading (``"r"``, any known format) or for writing rows and commits (``"r+"``,
-        this version's format only: an older store is refused with what to do instead)."""
+        this version's format only: an older store is refused with what to do instead).
+
+        ``strict``: a missing object of a row array raises ``integrity.MissingObjectError`` instead of reading as zeros
+        (for readers of ``ok`` rows of committed shards, whose objects are always written). ``lock``: its lock, held by
+        the caller (``lock_output``), which the store then renews and releases."""
         if mode not in ("r", "r+"):
             raise ConfigError(f"store mode: expected 'r' or 'r+', got {mode!r}")
         retry = retry_policy(retry)
         fs, root = _resolve(url, storage_options)
         writing = mode == "r+"
-        meta = store_call(retry, "open the store at", url, _store_meta, fs, root, writing=writing)
+        meta = store_call(retry, "open the store at", url, store_meta, fs, root, writing=writing)
         if meta is None:
             raise InputError(f"store {url}: expected a FeatUp feature store, got no store there")
         store_format = meta["attributes"]["featup_store"].get("format")
         layout = layout_for(store_format, url)
         if writing and layout.format != STORE_FORMAT:
             raise ConfigError(refuse_resume(url, store_format))
-        group = store_call(retry, "open the store at", url, _open_group, url, fs, root, storage_options, mode, writing=writing)
-        return cls(url, fs, root, group, storage_options, mode, retry, layout)
+        strict_arrays = meta["attributes"]["featup_store"].get("arrays", []) if strict else None
+        group = store_call(retry, "open the store at", url, _open_group, url, fs, root, storage_options, mode,
+                           strict_arrays, writing=writing)
+        return cls(url, fs, root, group, storage_options, mode, retry, layout, lock)
 
     @staticmethod
     def exists(url: str, storage_options: dict | None = None, *, retry: RetryPolicy | None = None) -> bool:
         """Whether a FeatUp store (of any format) is at ``url`` (what decides between resuming and creating)."""
         fs, root = _resolve(url, storage_options)
-        return store_call(retry_policy(retry), "look for a store at", url, _store_meta, fs, root) is not None
+        return store_call(retry_policy(retry), "look for a store at", url, store_meta, fs, root) is not None
 
     def __reduce__(self):
         """Pickles as a reopen of the same URL (a Ray actor gets its own connection; a held lock is not carried)."""
@@ -208,6 +255,12 @@ class FeatureStore:
                   "index_file": self.layout.index_name(shard_index), "committed_at": datetime.now(timezone.utc).isoformat()}
         self._call(f"commit shard {shard_index}: write", marker_path, put_atomic, self.fs, marker_path, _json_bytes(marker))
 
+    def uncommit_shard(self, shard_index: int) -> None:
+        """Deletes a shard's commit marker, so a run computes it again (its old index file is replaced at the commit)."""
+        self._require_writable()
+        path = self._path(self.layout.commit_name(shard_index))
+        self._call(f"un-commit shard {shard_index}: delete", path, _remove, self.fs, path)
+
     def committed_shards(self) -> set[int]:
         """Indexes of the shards whose commit marker exists."""
         return self._call("list the commit markers of", self.url, self._list_commits, writing=False)
@@ -282,13 +335,25 @@ class FeatureStore:
 
     def read_report(self) -> dict | None:
         """The last run report, or None when no run has finished writing one."""
-        def read() -> dict | None:
-            try:
-                return json.loads(self.fs.cat_file(self._path("report.json")))
-            except FileNotFoundError:
-                return None
+        return self._call("read the run report of", self.url, self._read_json, "report.json", writing=False)
 
-        return self._call("read the run report of", self.url, read, writing=False)
+    def write_inputs(self, inputs: dict) -> None:
+        """Records the shards the store is made from (``pipeline.precompute.inputs``), beside the index files."""
+        self._require_writable()
+        _check_json("input list", inputs)
+        path = self._path(INPUTS_NAME)
+        self._call("write the input list", path, put_atomic, self.fs, path, _json_bytes(inputs))
+
+    def read_inputs(self) -> dict | None:
+        """The shards the store was made from as ``write_inputs`` recorded them, or None (older stores have none)."""
+        return self._call("read the input list of", self.url, self._read_json, INPUTS_NAME, writing=False)
+
+    def _read_json(self, name: str) -> dict | None:
+        """The side file ``name`` parsed, or None when it does not exist."""
+        try:
+            return json.loads(self.fs.cat_file(self._path(name)))
+        except FileNotFoundError:
+            return None
 
     def acquire_lock(self, run_id: str, stale_after_s: float = MIN_STALE_S, *, heartbeat_s: float = HEARTBEAT_S) -> dict | None:
         """Takes the lock for ``run_id``, refusing while another run's is live; returns the stale lock it took over, if any.
@@ -405,31 +470,31 @@ def _check_keys(keys: Sequence[str] | None, num_rows: int) -> np.ndarray:
 
 def _create_group(url: str, fs: fsspec.AbstractFileSystem, root: str, storage_options: dict | None, attrs: dict,
                   layouts: dict, keys: np.ndarray, codec: StorageCodec, side_nodes: tuple[str, ...] = ()) -> zarr.Group:
-    """The new group with its arrays, the ``sample`` key coordinate and the side-file sub-group; safe to run again after
-    a fault (a group found there with these very attributes is ours, written before the answer was lost)."""
+    """The new group with its arrays, the ``sample`` key coordinate and the side-file sub-group, written under this job's
+    lock. The root group's attributes (``featup_store``) come last: the store exists for ``exists`` and ``open`` only
+    once whole. Safe to run again after a fault: each try first deletes what an earlier one left (all but the lock)."""
+    remove_except_lock(fs, root)
     store = _zarr_store(url, fs, root, storage_options, read_only=False)
-    try:
-        group = zarr.open_group(store, mode="w-", attributes=attrs)
-    except zarr.errors.ContainsGroupError:
-        group = zarr.open_group(store, mode="r+")
-        if dict(group.attrs) != _json_roundtrip(attrs):
-            raise ConfigError(f"output {url}: expected a new location, got a store another job created at the same moment") from None
+    group = zarr.create_group(store, attributes={CREATING: {"format": STORE_FORMAT}}, overwrite=False)
     for name, (spec, dims) in layouts.items():
         # One sample per stored object (a chunk, or a shard of spatial tiles): every object has one writer, and any
         # row can be redone alone.
         layout = codec.array_kwargs(spec.dtype, spec.shape_per_row, spec.spatial_axes, codes=spec.codes)
         group.create_array(name, shape=(len(keys), *spec.shape_per_row), dtype=spec.dtype, dimension_names=dims,
-                           fill_value=0, overwrite=True, attributes=spec.attributes, **layout)
+                           fill_value=0, attributes=spec.attributes, **layout)
     coordinate = group.create_array(KEYS_ARRAY, shape=(len(keys),), chunks=(max(1, min(len(keys), KEY_CHUNK)),), dtype=str,
-                                    dimension_names=(ROW_DIM,), fill_value="", overwrite=True)
+                                    dimension_names=(ROW_DIM,), fill_value="")
     if len(keys):
         coordinate[:] = keys
     create_side_group(group, side_nodes)
+    group.attrs.put(attrs)
     return group
 
 
-def _open_group(url: str, fs: fsspec.AbstractFileSystem, root: str, storage_options: dict | None, mode: str) -> zarr.Group:
-    return zarr.open_group(_zarr_store(url, fs, root, storage_options, read_only=mode == "r"), mode=mode)
+def _open_group(url: str, fs: fsspec.AbstractFileSystem, root: str, storage_options: dict | None, mode: str,
+                strict_arrays: Sequence[str] | None = None) -> zarr.Group:
+    store = _zarr_store(url, fs, root, storage_options, read_only=mode == "r")
+    return zarr.open_group(store if strict_arrays is None else StrictStore(store, strict_arrays), mode=mode)
 
 
 def _resolve(url: str, storage_options: dict | None) -> tuple[fsspec.AbstractFileSystem, str]:
@@ -443,48 +508,6 @@ def _zarr_store(url: str, fs: fsspec.AbstractFileSystem, root: str, storage_opti
     if isinstance(fs, LocalFileSystem):
         return zarr.storage.LocalStore(root, read_only=read_only)
     return zarr.storage.FsspecStore.from_url(url, storage_options=storage_options, read_only=read_only)
-
-
-def _store_meta(fs: fsspec.AbstractFileSystem, root: str) -> dict | None:
-    """The root ``zarr.json`` of a Zarr group written by FeatureStore.create (any format), else None."""
-    try:
-        meta = json.loads(fs.cat_file(f"{root}/zarr.json"))
-    except (FileNotFoundError, NotADirectoryError, IsADirectoryError, json.JSONDecodeError, UnicodeDecodeError):
-        return None
-    attributes = meta.get("attributes") if isinstance(meta, dict) else None
-    if meta.get("node_type") != "group" or not isinstance(attributes, dict) or "featup_store" not in attributes:
-        return None
-    return meta
-
-
-def _clear_location(url: str, fs: fsspec.AbstractFileSystem, root: str, overwrite: bool, retry: RetryPolicy) -> None:
-    """Frees ``root``: an existing store is deleted only with ``overwrite`` and no live lock; other data never is."""
-    meta = store_call(retry, "look for a store at", url, _store_meta, fs, root)
-    if meta is not None:
-        if not overwrite:
-            raise ConfigError(f"output {url}: expected a new store, got an existing FeatUp store; "
-                              "rerun the same command to resume it, or pass --overwrite to start over")
-        layout = layout_for(meta["attributes"]["featup_store"].get("format"), url)
-        lock = store_call(retry, "read the lock of", url, read_lock, fs, f"{root}/{layout.relative('lock.json')}")
-        if lock is not None and stale_reason(lock, MIN_STALE_S) is None:
-            raise locked_error(url, lock, MIN_STALE_S)
-        store_call(retry, "delete the store at", url, _remove, fs, root)
-        return
-    if store_call(retry, "look at the output", url, _holds_data, fs, root):
-        raise ConfigError(f"output {url}: expected a new or empty location or a FeatUp store, "
-                          "got other data there (nothing was deleted)")
-
-
-def _remove(fs: fsspec.AbstractFileSystem, root: str) -> None:
-    try:
-        fs.rm(root, recursive=True)
-    except FileNotFoundError:  # a retry after the deletion went through
-        pass
-
-
-def _holds_data(fs: fsspec.AbstractFileSystem, root: str) -> bool:
-    fs.invalidate_cache(root)
-    return fs.isfile(root) or (fs.isdir(root) and bool(fs.ls(root, detail=False)))
 
 
 def _check_json(what: str, value: dict) -> None:

@@ -8,6 +8,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from featup.errors import InputError
+from pipeline.runtime.secrets import mask_text
 
 INDEX_SCHEMA = pa.schema(
     [
@@ -24,15 +25,20 @@ INDEX_SCHEMA = pa.schema(
 STATUSES = ("ok", "error")
 ORIENTATIONS = range(0, 9)  # 0: unknown (failed samples, and index files written before the column existed)
 _DEFAULTS = {"error": "", "orientation": 0}
+_MASKED = ("shard", "error")  # URLs and messages: their credentials (pre-signed URLs, user:password@) become ***
 
 
 def build_index_table(rows: Sequence[dict[str, Any]]) -> pa.Table:
     """A checked index table (INDEX_SCHEMA) from row dicts; ``error`` may be left out for valid samples, ``orientation``
-    (0: unknown) for any."""
+    (0: unknown) for any. Shard URLs and error messages are stored with their credentials masked."""
     expected = set(INDEX_SCHEMA.names)
-    full = []
+    full, masked = [], {}  # a shard's rows share their URL: each distinct text is masked once
     for i, row in enumerate(rows):
         row = {**_DEFAULTS, **row}
+        for name in _MASKED:
+            text = row.get(name)
+            if isinstance(text, str):
+                row[name] = masked[text] if text in masked else masked.setdefault(text, mask_text(text))
         if set(row) != expected:
             missing, extra = sorted(expected - set(row)), sorted(set(row) - expected)
             raise InputError(f"index row {i}: expected the columns {INDEX_SCHEMA.names}, "

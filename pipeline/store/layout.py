@@ -75,18 +75,20 @@ def layout_for(store_format: object, url: str) -> Layout:
 
 def create_side_group(group: zarr.Group, optional: tuple[str, ...] = ()) -> None:
     """The ``_featup`` sub-group and its empty arrays (three, and the ``optional`` ones, e.g. ``upsampler``), whose
-    prefixes hold the side files (format 2)."""
+    prefixes hold the side files (format 2).
+
+    Never with zarr's ``overwrite``: it deletes a node's whole prefix, and ``run/`` holds the lock of the job creating it."""
     unknown = [name for name in optional if name not in _OPTIONAL_NODES]
     if unknown:
         raise InputError(f"side nodes: expected names among {list(_OPTIONAL_NODES)}, got {unknown}")
     nodes = {**_SIDE_NODES, **{name: _OPTIONAL_NODES[name] for name in optional}}
-    side = group.create_group(SIDE_GROUP, overwrite=True, attributes={
+    side = group.create_group(SIDE_GROUP, attributes={
         "description": "FeatUp pipeline bookkeeping: the plain files under these empty arrays are not Zarr data",
         "files": nodes,
     })
     for name, holds in nodes.items():
         side.create_array(name, shape=(0,), chunks=(1,), dtype="uint8", dimension_names=(_FILE_DIM,), fill_value=0,
-                          attributes={"holds": holds}, overwrite=True)
+                          attributes={"holds": holds})
 
 
 def refuse_resume(url: str, store_format: int) -> str:

@@ -1,34 +1,39 @@
-"""The lock of a feature store: one run writes it at a time, taken and renewed by conditional writes.
+"""The lock of a feature store: one run writes it at a time, taken and renewed by conditional writes
+(``pipeline/store/versioned.py``).
 
 - S3: created with ``If-None-Match: *`` and renewed, taken over or released with ``If-Match`` on its ETag, so of
-  several jobs started at the same moment exactly one holds it.
+  several jobs started at the same moment exactly one holds it. A ``409 ConditionalRequestConflict`` (AWS's answer
+  to a conditional write racing another) is retried with backoff within the retry budget, then counts as a lost
+  race, as a 412 does. On an endpoint that accepts a conditional create over an existing object (it ignores
+  ``If-None-Match``; found once per process) the lock falls back to write, wait, read back, with a warning.
 - Local files: created by a hard link (exclusive), renewed, taken over and released under an ``flock`` on a guard
   file beside it with a compare of its bytes.
-- Other fsspec filesystems: check-then-write as before, with a warning that two jobs started together may both run.
+- Other fsspec filesystems: check-then-write and read back, with a warning that two jobs started together may both run.
 
 The lock records its staleness window (``stale_after_s``), longer than the holder's retry budget plus three
-heartbeats, and every other job judges it with that window: a job riding out a storage outage keeps its lock.
+heartbeats, and every other job judges it with that window: a job riding out a storage outage keeps its lock. A
+holder whose process is gone is taken over at once only from a process that can see its PID: same host name, same
+kernel boot (the boot id, random at every boot, so it differs between machines that share a host name and the
+initial PID namespace) and same PID namespace; any other lock is judged by its heartbeat alone.
 """
 
 from __future__ import annotations
 
-import fcntl
 import json
 import logging
 import os
 import socket
 import time
 import uuid
-from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any, Callable
 
 import fsspec
-from fsspec.implementations.local import LocalFileSystem
+import tenacity
 
 from featup.errors import ConfigError, FeatUpError
 from pipeline.runtime.retry import RetryPolicy
-from pipeline.runtime.storage import write_temp
 from pipeline.store.access import store_call
+from pipeline.store.versioned import CONFIRM_AFTER_S, ConditionalConflict, PlainFile, protocols, versioned_file
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +41,7 @@ MIN_STALE_S = 60.0  # a lock is never judged stale sooner than this
 HEARTBEAT_S = 10.0  # the heartbeat interval assumed when the caller does not say
 HEARTBEATS_OF_SLACK = 3
 _MAX_RACES = 8  # conditional writes lost in a row before giving up (another job keeps changing the lock)
+_BOOT_ID = "/proc/sys/kernel/random/boot_id"
 
 
 class StoreLockedError(FeatUpError):
@@ -49,10 +55,11 @@ def stale_window(retry: RetryPolicy, heartbeat_s: float = HEARTBEAT_S, minimum_s
 
 def lock_payload(run_id: str, token: str | None = None, stale_after_s: float = MIN_STALE_S,
                  acquired: float | None = None) -> dict:
-    """The lock's content: who holds it (run, host, pid), this holder's token, its window and its last heartbeat."""
+    """The lock's content: who holds it (run; host, kernel boot, PID namespace and pid), this holder's token, its window
+    and its last heartbeat."""
     now = time.time()
-    return {"run_id": run_id, "token": token or uuid.uuid4().hex, "host": socket.gethostname(), "pid": os.getpid(),
-            "pid_namespace": _pid_namespace(), "acquired": acquired or now, "heartbeat": now,
+    return {"run_id": run_id, "token": token or uuid.uuid4().hex, "host": socket.gethostname(), "boot_id": _boot_id(),
+            "pid": os.getpid(), "pid_namespace": _pid_namespace(), "acquired": acquired or now, "heartbeat": now,
             "stale_after_s": float(stale_after_s)}
 
 
@@ -70,11 +77,20 @@ def stale_reason(lock: dict, default_window_s: float) -> str | None:
     age = time.time() - float(lock.get("heartbeat", 0.0))
     if age > window:
         return f"no heartbeat for {age:.0f} s"
-    namespace = _pid_namespace()
-    visible = namespace is not None and lock.get("host") == socket.gethostname() and lock.get("pid_namespace") == namespace
-    if visible and not _pid_alive(int(lock.get("pid", -1))):
+    if pid_visible(lock) and not _pid_alive(int(lock.get("pid", -1))):
         return f"its process {lock.get('pid')} on this host is gone"
     return None
+
+
+def pid_visible(lock: dict) -> bool:
+    """Whether the holder's PID names a process this one can look up: same host name, kernel boot and PID namespace.
+
+    The host name alone is shared by containers (``localhost``, a pod template's name) and the initial PID namespace
+    has the same inode on every Linux host; the boot id tells the machines apart. A lock without one (no ``/proc``,
+    or written by an older featup) never counts as visible: its liveness is its heartbeat.
+    """
+    here = (socket.gethostname(), _boot_id(), _pid_namespace())
+    return None not in here and (lock.get("host"), lock.get("boot_id"), lock.get("pid_namespace")) == here
 
 
 def holder_window(lock: dict, default_window_s: float) -> float:
@@ -112,34 +128,41 @@ class StoreLock:
     def acquire(self, run_id: str, stale_after_s: float = MIN_STALE_S, heartbeat_s: float = HEARTBEAT_S) -> dict | None:
         """Takes the lock for ``run_id``, refusing while another run's is live; returns the stale lock it took over."""
         window = stale_window(self.retry, heartbeat_s, stale_after_s)
-        if not self._versions.conditional:
+        conditional = store_call(self.retry, "check the conditional writes of", self.url, self._versions.conditional_writes)
+        if not conditional and isinstance(self._versions, PlainFile):
             logger.warning("store %s: %s storage has no conditional writes here; two jobs started at the same moment may "
-                           "both take its lock", self.url, _protocols(self.fs)[0])
+                           "both take its lock", self.url, protocols(self.fs)[0])
         token = uuid.uuid4().hex
-        taken = store_call(self.retry, "take the lock of", self.url, self._acquire, run_id, token, window)
+        taken = store_call(self.retry, "take the lock of", self.url, self._acquire, run_id, token, window,
+                           _Tries(self.retry), conditional)
         self.run_id, self.token, self.stale_after_s = run_id, token, window
         if taken is not None:
             logger.warning("store %s: took over the lock of run %s (%s)", self.url, taken.get("run_id"), taken["stale_reason"])
         return taken
 
+    @property
+    def held(self) -> bool:
+        """Whether this handle holds the lock (acquired and not released or lost since)."""
+        return self.token is not None
+
     def heartbeat(self) -> None:
         """Refreshes this holder's lock; raises StoreLockedError if another run took it over meanwhile."""
         if self.token is None:
             raise ConfigError(f"store {self.url} lock: expected acquire_lock before heartbeat, got no lock held")
-        store_call(self.retry, "renew the lock of", self.url, self._renew)
+        store_call(self.retry, "renew the lock of", self.url, self._renew, _Tries(self.retry))
 
     def release(self) -> None:
         """Removes this holder's lock (a lock now held by another run is left alone)."""
         if self.token is not None:
-            store_call(self.retry, "release the lock of", self.url, self._release)
+            store_call(self.retry, "release the lock of", self.url, self._release, _Tries(self.retry))
         self.run_id = self.token = None
 
-    def _acquire(self, run_id: str, token: str, window: float) -> dict | None:
+    def _acquire(self, run_id: str, token: str, window: float, tries: _Tries, conditional: bool) -> dict | None:
         for _ in range(_MAX_RACES):
             found = self._versions.read()
             if found is None:
-                if self._versions.create(_encode(lock_payload(run_id, token, window))) is not None:
-                    return self._confirm(token, None)
+                if tries.write(self._versions.create, _encode(lock_payload(run_id, token, window))) is not None:
+                    return self._confirm(token, None, conditional)
                 continue  # another job created it first: judge its lock
             lock, tag = _parse(found[0]), found[1]
             if lock.get("token") == token:  # our write landed, its answer was lost: retried
@@ -150,20 +173,22 @@ class StoreLock:
                 if reason is None:
                     raise locked_error(self.url, lock, window)
                 taken = {**lock, "stale_reason": reason}
-            if self._versions.replace(_encode(lock_payload(run_id, token, window)), tag) is not None:
-                return self._confirm(token, taken)
+            if tries.write(self._versions.replace, _encode(lock_payload(run_id, token, window)), tag) is not None:
+                return self._confirm(token, taken, conditional)
         raise StoreLockedError(f"output {self.url}: expected to take the lock, got it changed by other jobs "
-                               f"{_MAX_RACES} times in a row; rerun the same command")
+                               f"{_MAX_RACES} times in a row{tries.note()}; rerun the same command")
 
-    def _confirm(self, token: str, taken: dict | None) -> dict | None:
-        """Without conditional writes: read back (of two runs racing, the one whose write landed last wins)."""
-        if not self._versions.conditional:
-            lock = read_lock(self.fs, self.path)
+    def _confirm(self, token: str, taken: dict | None, conditional: bool) -> dict | None:
+        """Without conditional writes: wait, then read back (of runs racing, the one whose write landed last wins)."""
+        if not conditional:
+            time.sleep(CONFIRM_AFTER_S)  # longer than a racing job takes from finding no lock to writing its own
+            found = self._versions.read()
+            lock = None if found is None else _parse(found[0])
             if lock is None or lock.get("token") != token:
                 raise locked_error(self.url, lock or {"run_id": "<none: the lock was removed>"}, MIN_STALE_S)
         return taken
 
-    def _renew(self) -> None:
+    def _renew(self, tries: _Tries) -> None:
         for _ in range(_MAX_RACES):
             found = self._versions.read()
             lock = None if found is None else _parse(found[0])
@@ -171,172 +196,48 @@ class StoreLock:
                 self.run_id = self.token = None
                 raise locked_error(self.url, lock or {"run_id": "<none: the lock was removed>"}, self.stale_after_s)
             payload = lock_payload(self.run_id, self.token, self.stale_after_s, lock.get("acquired"))
-            if self._versions.replace(_encode(payload), found[1]) is not None:
+            if tries.write(self._versions.replace, _encode(payload), found[1]) is not None:
                 return
-        raise StoreLockedError(f"output {self.url}: expected to renew the lock, got it changed {_MAX_RACES} times in a row")
+        raise StoreLockedError(f"output {self.url}: expected to renew the lock, got it changed {_MAX_RACES} times in a "
+                               f"row{tries.note()}")
 
-    def _release(self) -> None:
-        found = self._versions.read()
-        if found is not None and _parse(found[0]).get("token") == self.token:
-            self._versions.delete(found[1])
+    def _release(self, tries: _Tries) -> None:
+        for _ in range(_MAX_RACES):
+            found = self._versions.read()
+            if found is None or _parse(found[0]).get("token") != self.token:
+                return
+            if tries.write(self._versions.delete, found[1]):
+                return
 
+class _Tries:
+    """The conditional writes of one lock operation: a ``409`` conflict is retried with the retry policy's backoff while
+    its budget lasts (the racing write is still in flight), then the write counts as lost, as after a ``412``."""
 
-def versioned_file(fs: fsspec.AbstractFileSystem, path: str):
-    """Conditional writes of one file, by what the filesystem supports (S3 ETags, local links and locks, or none)."""
-    if isinstance(fs, LocalFileSystem):
-        return _LocalFile(path)
-    if "s3" in _protocols(fs) and hasattr(fs, "call_s3"):
-        return _S3Object(fs, path)
-    return _PlainFile(fs, path)
+    def __init__(self, retry: RetryPolicy) -> None:
+        self.retry, self.deadline, self.conflicts = retry, time.monotonic() + retry.budget_s, 0
 
-
-class _S3Object:
-    """One S3 object written with ``If-None-Match: *`` (create) and ``If-Match: <ETag>`` (replace, delete)."""
-
-    conditional = True
-
-    def __init__(self, fs: Any, path: str) -> None:
-        self.fs, self.path = fs, path
-        self.bucket, self.key, _ = fs.split_path(path)
-
-    def read(self) -> tuple[bytes, str] | None:
-        from fsspec.asyn import sync
-
+    def write(self, write: Callable[..., Any], *args: Any) -> Any:
+        """``write(*args)``: its result, or None once conflicts outlast the budget."""
+        retrying = tenacity.Retrying(
+            retry=tenacity.retry_if_exception_type(ConditionalConflict),
+            wait=tenacity.wait_random_exponential(multiplier=self.retry.first_wait_s, max=self.retry.max_wait_s),
+            stop=tenacity.stop_after_delay(max(0.0, self.deadline - time.monotonic())), reraise=True,
+        )
         try:
-            return sync(self.fs.loop, self._get)
-        except FileNotFoundError:
+            return retrying(self._counted, write, *args)
+        except ConditionalConflict:
             return None
 
-    async def _get(self) -> tuple[bytes, str]:
-        response = await self.fs._call_s3("get_object", Bucket=self.bucket, Key=self.key)
-        body = response["Body"]
+    def _counted(self, write: Callable[..., Any], *args: Any) -> Any:
         try:
-            return await body.read(), response["ETag"]
-        finally:
-            body.close()
-
-    def create(self, data: bytes) -> str | None:
-        return self._put(data, IfNoneMatch="*")
-
-    def replace(self, data: bytes, tag: str) -> str | None:
-        return self._put(data, IfMatch=tag)
-
-    def delete(self, tag: str) -> bool:
-        try:
-            self.fs.call_s3("delete_object", Bucket=self.bucket, Key=self.key, IfMatch=tag)
-            return True
-        except (FileNotFoundError, OSError) as e:
-            if isinstance(e, FileNotFoundError) or _precondition_failed(e):
-                return False
+            return write(*args)
+        except ConditionalConflict:
+            self.conflicts += 1
             raise
-        finally:
-            self.fs.invalidate_cache(self.path)
 
-    def _put(self, data: bytes, **condition: str) -> str | None:
-        try:
-            return self.fs.call_s3("put_object", Bucket=self.bucket, Key=self.key, Body=data, **condition)["ETag"]
-        except (FileNotFoundError, OSError) as e:  # FileExistsError, or EINVAL from a failed If-Match; 404 if it is gone
-            if isinstance(e, FileNotFoundError) or _precondition_failed(e):
-                return None
-            raise
-        finally:
-            self.fs.invalidate_cache(self.path)
-
-
-class _LocalFile:
-    """A local file: exclusive create by a hard link, replace and delete under an flock with a compare of its bytes."""
-
-    conditional = True
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-        self.guard = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.guard")
-
-    def read(self) -> tuple[bytes, bytes] | None:
-        try:
-            with open(self.path, "rb") as f:
-                data = f.read()
-        except FileNotFoundError:
-            return None
-        return data, data
-
-    def create(self, data: bytes) -> bytes | None:
-        tmp = write_temp(self.path, data)
-        try:
-            os.link(tmp, self.path)
-            return data
-        except FileExistsError:
-            return None
-        finally:
-            os.unlink(tmp)
-
-    def replace(self, data: bytes, tag: bytes) -> bytes | None:
-        with self._guarded():
-            if self.read() != (tag, tag):
-                return None
-            os.replace(write_temp(self.path, data), self.path)
-            return data
-
-    def delete(self, tag: bytes) -> bool:
-        with self._guarded():
-            if self.read() != (tag, tag):
-                return False
-            os.unlink(self.path)
-            return True
-
-    @contextmanager
-    def _guarded(self) -> Iterator[None]:
-        fd = os.open(self.guard, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            yield
-        finally:
-            os.close(fd)  # closing releases the flock
-
-
-class _PlainFile:
-    """Any other fsspec filesystem: check-then-write, no compare (the lock's read-back is the only check)."""
-
-    conditional = False
-
-    def __init__(self, fs: fsspec.AbstractFileSystem, path: str) -> None:
-        self.fs, self.path = fs, path
-
-    def read(self) -> tuple[bytes, bytes] | None:
-        try:
-            data = self.fs.cat_file(self.path)
-        except FileNotFoundError:
-            return None
-        return data, data
-
-    def create(self, data: bytes) -> bytes | None:
-        self.fs.invalidate_cache(self.path)
-        if self.fs.exists(self.path):
-            return None
-        self.fs.pipe_file(self.path, data)
-        return data
-
-    def replace(self, data: bytes, tag: bytes) -> bytes:
-        self.fs.pipe_file(self.path, data)
-        return data
-
-    def delete(self, tag: bytes) -> bool:
-        self.fs.rm_file(self.path)
-        return True
-
-
-def _precondition_failed(error: BaseException) -> bool:
-    """Whether S3 refused a conditional write (412 PreconditionFailed, which s3fs raises as FileExistsError or EINVAL)."""
-    if isinstance(error, FileExistsError):
-        return True
-    response = getattr(error.__cause__, "response", None) or getattr(error, "response", None) or {}
-    code = (response.get("Error") or {}).get("Code")
-    status = (response.get("ResponseMetadata") or {}).get("HTTPStatusCode")
-    return code in ("PreconditionFailed", "412") or status == 412
-
-
-def _protocols(fs: fsspec.AbstractFileSystem) -> tuple[str, ...]:
-    return (fs.protocol,) if isinstance(fs.protocol, str) else tuple(fs.protocol)
+    def note(self) -> str:
+        """What the storage answered, for an error message (empty without conflicts)."""
+        return f" (the storage answered 409 ConditionalRequestConflict {self.conflicts} times)" if self.conflicts else ""
 
 
 def _parse(data: bytes) -> dict:
@@ -349,6 +250,17 @@ def _parse(data: bytes) -> dict:
 
 def _encode(lock: dict) -> bytes:
     return json.dumps(lock, indent=2).encode()
+
+
+def _boot_id() -> str | None:
+    """The kernel's boot id (Linux): random at every boot, so two machines never share it, while every container on
+    one kernel does (their PID namespaces tell them apart). ``/etc/machine-id`` is not used: it is copied with the
+    image into containers and cloned virtual machines."""
+    try:
+        with open(_BOOT_ID) as f:
+            return f.read().strip() or None
+    except OSError:
+        return None
 
 
 def _pid_namespace() -> str | None:

@@ -2,7 +2,8 @@
 
 ``open_features(url)`` gives a ``FeatureReader``: ``len()`` valid samples, ``reader[i]`` a dict with ``features``
 (float32 (C, H, W)), ``key``, ``row`` and every other stored array (``lowres`` float32 (C, h, w), ``image`` uint8
-(3, S, S), labels as stored, e.g. ``seg.png`` (S, S)). Failed rows, and rows of uncommitted shards, are never served.
+(3, S, S), labels as stored, e.g. ``seg.png`` (S, S)). Failed rows, and rows of uncommitted shards, are never served;
+a served row whose stored object is missing raises ``LostRowError`` naming the store, array and row (never zeros).
 
 A compact store (``featup precompute --compact``) serves the same ``features``, upsampled where they are read by the
 upsampler stored with it, from the low-res window a crop needs and for the channels asked for only
@@ -30,6 +31,7 @@ from pipeline.runtime.retry import RetryPolicy
 from pipeline.store.access import retry_policy, store_call
 from pipeline.store.compact import KERNEL_BACKEND, CompactSource, StoredUpsampler, is_compact
 from pipeline.store.features import FeatureStore
+from pipeline.store.integrity import MissingObjectError, lost_row_error
 from pipeline.store.quantize import QUANTIZATION, dequantize_int8_numpy
 
 CHANNEL_FIRST = ("features", "lowres")  # (C, H, W) per row; every other array is (H, W, ...) per row
@@ -61,7 +63,7 @@ class FeatureReader:
     def __init__(self, url: str, storage_options: dict | None = None, options: ReadOptions = ReadOptions(),
                  retry: RetryPolicy | None = None, kernel_backend: str = KERNEL_BACKEND) -> None:
         self.url, self.storage_options, self.retry = url, dict(storage_options or {}), retry_policy(retry)
-        store = FeatureStore.open(url, self.storage_options or None, mode="r", retry=self.retry)
+        store = FeatureStore.open(url, self.storage_options or None, mode="r", retry=self.retry, strict=True)
         self._store, self._pid = store, os.getpid()
         self._generator: tuple[tuple[int, int], torch.Generator] | None = None
         self.attrs: dict = store.attrs
@@ -144,20 +146,23 @@ class FeatureReader:
         out: dict[str, Any] = {"key": self.keys[i], "row": row}
         inputs = None  # a compact store's low-res and guidance windows (features come first)
         for name in self.array_names:
-            if name == "features" and self.compact is not None:
-                inputs = self._compact_inputs(store, row, boxes.get(name))
-                out.update(self._compact_features(inputs, boxes.get(name), upsample))
-                continue
-            if inputs is not None and name in ("lowres", "image") and not upsample:
-                continue  # the upsampler's windows take their place
-            if inputs is not None and name == "image":  # cut from the guidance window already read
-                out[name] = self.compact.image_crop(inputs, boxes.get("features"), boxes.get(name))
-                continue
-            value = store_call(self.retry, f"read row {row} of", f"{self.url}/{name}", _read, store.array(name), name, row,
-                               boxes.get(name), self.options.channels, writing=False)
-            if name in self.quantized:  # int8 codes -> float32 with the row's per-channel scale and offset
-                value = store_call(self.retry, f"read row {row} of", f"{self.url}/{name}", self._dequantize, store, name,
-                                   row, value, writing=False)
+            try:
+                if name == "features" and self.compact is not None:
+                    inputs = self._compact_inputs(store, row, boxes.get(name))
+                    out.update(self._compact_features(inputs, boxes.get(name), upsample))
+                    continue
+                if inputs is not None and name in ("lowres", "image") and not upsample:
+                    continue  # the upsampler's windows take their place
+                if inputs is not None and name == "image":  # cut from the guidance window already read
+                    out[name] = self.compact.image_crop(inputs, boxes.get("features"), boxes.get(name))
+                    continue
+                value = store_call(self.retry, f"read row {row} of", f"{self.url}/{name}", _read, store.array(name), name,
+                                   row, boxes.get(name), self.options.channels, writing=False)
+                if name in self.quantized:  # int8 codes -> float32 with the row's per-channel scale and offset
+                    value = store_call(self.retry, f"read row {row} of", f"{self.url}/{name}", self._dequantize, store,
+                                       name, row, value, writing=False)
+            except MissingObjectError as e:  # an ok row's object is always written: a missing one is lost data
+                raise lost_row_error(self.url, e.key.split("/", 1)[0], row, e.key, self.keys[i]) from None
             out[name] = _to_tensor(name, value)
         return out
 
@@ -187,7 +192,7 @@ class FeatureReader:
     def _open(self) -> FeatureStore:
         """The store handle of this process, opened on first use after a fork or an unpickle."""
         if self._store is None or self._pid != os.getpid():
-            self._store = FeatureStore.open(self.url, self.storage_options or None, mode="r", retry=self.retry)
+            self._store = FeatureStore.open(self.url, self.storage_options or None, mode="r", retry=self.retry, strict=True)
             self._pid = os.getpid()
         return self._store
 

@@ -4,25 +4,30 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from dataclasses import asdict
 from typing import Any
 
 import pyarrow.compute as pc
 
 from pipeline.runtime.progress import human_bytes
+from pipeline.runtime.secrets import mask_json
 from pipeline.store.features import FeatureStore
+from pipeline.store.integrity import RECOMPUTE_HINT, LostRow, find_lost_rows
 
 TOP_REASONS = 5
 
 
-def store_summary(url: str, storage_options: dict | None = None) -> dict[str, Any]:
-    """A JSON-ready summary of the store at ``url``: arrays, sample and shard counts, failure reasons, report, provenance."""
+def store_summary(url: str, storage_options: dict | None = None, verify: bool = False) -> dict[str, Any]:
+    """A JSON-ready summary of the store at ``url``: arrays, sample and shard counts, failure reasons, report, provenance;
+    with ``verify``, every ``ok`` row of a committed shard whose stored object is missing (``lost_rows``)."""
     store = FeatureStore.open(url, storage_options, mode="r")
     index = store.read_index()
+    checked = _verify(store, index) if verify else {}
     statuses = Counter(index["status"].to_pylist())
     failed = index.filter(pc.equal(index["status"], "error"))
     attrs = store.attrs
     report = store.read_report()
-    return {
+    return mask_json({  # a store written before masking may still hold credentials in its command line
         "url": url,
         "arrays": [_array_summary(name, store.array(name)) for name in store.array_names],
         "rows": store.num_rows,
@@ -32,8 +37,16 @@ def store_summary(url: str, storage_options: dict | None = None) -> dict[str, An
         "shards": {"committed": len(store.committed_shards()), "total": attrs.get("num_shards")},
         "report": _report_summary(report),
         "compact": _compact_summary(store),
+        **checked,
         "provenance": attrs,
-    }
+    })
+
+
+def _verify(store: FeatureStore, index: Any) -> dict[str, Any]:
+    """The rows checked (``ok`` rows of committed shards, every array) and those whose stored object is missing."""
+    lost = find_lost_rows(store, index)
+    return {"verified_rows": int(pc.sum(pc.equal(index["status"], "ok")).as_py() or 0),
+            "lost_rows": [asdict(r) for r in lost]}
 
 
 def _compact_summary(store: FeatureStore) -> dict[str, Any] | None:
@@ -105,9 +118,24 @@ def format_summary(summary: dict[str, Any]) -> str:
         lines.append(f"features: not stored (compact store): upsampled where read by its stored {compact['upsampler']} "
                      f"upsampler to {shape} (sha256 {compact.get('sha256')}, {compact.get('bytes')} bytes); "
                      "`featup materialize` writes them into a full store")
+    if "lost_rows" in summary:
+        lines.extend(_verify_lines(summary))
     lines.append("provenance:")
     lines.extend(f"  {key:<18} {_show_value(key, value)}" for key, value in summary["provenance"].items())
     return "\n".join(lines)
+
+
+def _verify_lines(summary: dict[str, Any]) -> list[str]:
+    """Every lost row, one per line, and what to do; or that every checked row's objects are there."""
+    lost, checked = summary["lost_rows"], summary["verified_rows"]
+    if not lost:
+        return [f"verify: the stored objects of all {checked} ok rows of committed shards are there"]
+    rows = len({r["row"] for r in lost})
+    lines = [f"verify: {rows} of {checked} ok rows of committed shards have lost stored objects (they would read as "
+             "zeros through plain zarr; the reader refuses them):"]
+    lines.extend(f"  {LostRow(**r).describe()}" for r in lost)
+    lines.append(f"  {RECOMPUTE_HINT}")
+    return lines
 
 
 def _show_value(key: str, value: Any) -> str:

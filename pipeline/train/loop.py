@@ -74,7 +74,7 @@ class TrainConfig:
     image_key: str | None = None
     max_pixels: int = 64_000_000
     overwrite: bool = False
-    storage_options: dict[str, Any] = field(default_factory=dict)
+    storage_options: dict[str, Any] = field(default_factory=dict, repr=False)  # may hold credentials: never in a repr
     output_location: Location = field(init=False, repr=False, compare=False)  # resolved once from output + options
 
     def __post_init__(self) -> None:
@@ -162,9 +162,14 @@ def train_jbu(config: TrainConfig, *, err: TextIO | None = None) -> TrainResult:
 
 def prepare(config: TrainConfig) -> _Setup:
     """Build the backbone on the CPU, check the inputs and sizes, and check a checkpoint at ``output`` can be resumed."""
+    from pipeline.runtime import preflight
     from pipeline.runtime.models import build_seeded_backbone
+    from pipeline.runtime.retry import RetryPolicy
+    from pipeline.runtime.secrets import mask_text
     from pipeline.sources.shards import expand_inputs, scan_shards
 
+    preflight.check_output(config.output_location, RetryPolicy(), file=True)  # storage problems in one line, first
+    preflight.check_inputs(config.inputs, config.storage_options, RetryPolicy())
     backbone = build_seeded_backbone(config.backbone, config.weights, config.seed)
     if config.image_size % backbone.stride:
         raise ConfigError(
@@ -178,7 +183,7 @@ def prepare(config: TrainConfig) -> _Setup:
         "backbone": config.backbone, "weights": config.weights, "weights_id": backbone.weights_id,
         "stride": backbone.stride, "dim": backbone.dim, "image_size": config.image_size, "lowres_size": lowres,
         "stages": stages, "mean": list(backbone.mean), "std": list(backbone.std), "steps": config.steps,
-        "settings": {**{name: getattr(config, name) for name in SETTINGS_FIELDS}, "inputs": urls},
+        "settings": {**{name: getattr(config, name) for name in SETTINGS_FIELDS}, "inputs": [mask_text(u) for u in urls]},
         "featup_version": __version__, "trained_by": "featup train-jbu",
     }
     saved = None if config.overwrite else ckpt.load_training_checkpoint(config.output_location)

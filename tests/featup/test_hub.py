@@ -169,7 +169,9 @@ def test_downloads_once_with_progress_then_uses_the_cache(hub_server, official_f
     err = capsys.readouterr().err
     assert "dino16_jbu_stack_cocostuff.ckpt" in err and "100%" in err  # tqdm's bar
     cached = hub.parse("featup:dino16").cache_path
-    assert cached_files(tmp_path) == [cached] and cached.read_bytes() == served.read_bytes()
+    sidecar = cached.with_name(cached.name + ".sha256")
+    assert cached_files(tmp_path) == [cached, sidecar] and cached.read_bytes() == served.read_bytes()
+    assert sidecar.read_text() == f"{sha256(served)}  {cached.name}\n"  # sha256sum's format
     assert hub_server.gets() == ["/dino16_jbu_stack_cocostuff.ckpt"]
     assert model.sha256 == sha256(served) and model.source == "featup:dino16" and model.norm is not None
 
@@ -214,6 +216,36 @@ def test_offline_without_cache_fails_fast_naming_url_and_path(request, monkeypat
     ckpt = hub.parse("featup:clip")
     assert ckpt.url in message and str(ckpt.cache_path) in message and "--checkpoint PATH" in message
     assert "\n" not in message and cached_files(tmp_path) == []
+
+
+def test_a_cached_file_changed_on_disk_is_downloaded_again_online_and_refused_offline(
+    hub_server, official_fixtures, closed_port_url, monkeypatch, tmp_path, capsys
+):
+    served = serve(hub_server, "featup:vit", official(official_fixtures))
+    cached = hub.fetch("featup:vit", progress=False)
+    good = cached.read_bytes()
+    cached.write_bytes(good[:-1] + bytes([good[-1] ^ 1]))  # one bit flipped: still a file, no longer the download
+    assert hub.fetch("featup:vit") == cached and cached.read_bytes() == served.read_bytes()
+    assert hub_server.gets() == ["/vit_jbu_stack_cocostuff.ckpt"] * 2
+    assert f"cached checkpoint {cached} no longer matches the sha256 recorded" in capsys.readouterr().err
+
+    cached.write_bytes(b"changed")
+    monkeypatch.setenv("FEATUP_HUB_URL", closed_port_url)  # offline
+    with pytest.raises(CheckpointError) as info:
+        load_featup_checkpoint("featup:vit", progress=False)
+    message = str(info.value)
+    assert message.startswith(f"cached checkpoint {cached} no longer matches the sha256 recorded at its download in {cached}.sha256")
+    assert "cannot be reached" in message and f"delete {cached}" in message and "\n" not in message
+
+
+def test_a_cached_file_without_a_sidecar_is_taken_and_recorded(hub_server, official_fixtures, tmp_path):
+    """A file put in the cache by hand (as the offline error suggests) is used as it is; from then on it is checked."""
+    content = official(official_fixtures)
+    cached = hub.parse("featup:clip").cache_path
+    cached.parent.mkdir(parents=True)
+    torch.save(content, cached)
+    assert load_featup_checkpoint("featup:clip", progress=False).sha256 == sha256(cached)
+    assert hub_server.requests == [] and cached.with_name(cached.name + ".sha256").read_text().split()[0] == sha256(cached)
 
 
 def test_a_cut_download_is_refused_and_not_cached(hub_server, official_fixtures, tmp_path):

@@ -317,8 +317,9 @@ def _garbage_mid_file(data, members, keys, rng):
 
 
 def _truncated_at_header(data, members, keys, rng):
-    """Damage: the file cut exactly at sample 3's first header (reads as a complete, shorter tar)."""
-    return data[: members[9][1]], (keys[:3], {}, False, ())
+    """Damage: the file cut exactly at sample 3's first header: no end-of-archive marker, so the read ends with the
+    marker and sample 2, being grouped at the cut (more of its members may have followed), is left out."""
+    return data[: members[9][1]], (keys[:2], {}, True, ())
 
 
 def _truncated_in_member(data, members, keys, rng):

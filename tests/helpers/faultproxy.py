@@ -6,6 +6,9 @@
         proxy.reset_next(2)     # the next 2 connections that carry a response are reset after 1024 bytes of it
         proxy.slowdown(5)       # the next 5 HTTP requests are answered "503 SlowDown" (S3's throttling)
         proxy.deny(1)           # the next request is answered "403 AccessDenied"
+        proxy.reject_credentials(1)  # ... "403 InvalidAccessKeyId"
+        proxy.conflict(2)       # the next 2 conditional PUTs are answered "409 ConditionalRequestConflict"
+        proxy.strip_if_none_match = True  # conditional creates reach the server without If-None-Match (200 over a key)
 
 Faults are real TCP events (RST via SO_LINGER 0) and real HTTP responses, so the client stacks under test (aiohttp,
 botocore, s3fs) see exactly what a failing network or a throttling store gives them. Requests are told apart by
@@ -42,6 +45,8 @@ class FaultProxy:
         self._outage_until = 0.0
         self._resets: list[int] = []  # after_bytes for each pending reset
         self._answers: list[tuple[int, str, str]] = []  # (status, S3 code, message) for the next requests
+        self._conflicts = 0  # conditional PUTs still to answer with 409 ConditionalRequestConflict
+        self.strip_if_none_match = False  # forward PUTs without If-None-Match, as an endpoint that ignores it behaves
         self._relays: set[_Relay] = set()
         self._listener = socket.create_server(("127.0.0.1", 0))
         self._listener.settimeout(_POLL_S)
@@ -85,10 +90,21 @@ class FaultProxy:
         """Answers the next ``n`` HTTP requests with ``403 AccessDenied`` (then closes their connection)."""
         self._answer(n, 403, "AccessDenied", "Access Denied")
 
-    def clear(self) -> None:
-        """Cancels pending faults and ends an outage."""
+    def reject_credentials(self, n: int) -> None:
+        """Answers the next ``n`` HTTP requests with ``403 InvalidAccessKeyId`` (S3's answer to an unknown access key)."""
+        self._answer(n, 403, "InvalidAccessKeyId", "The AWS Access Key Id you provided does not exist in our records.")
+
+    def conflict(self, n: int) -> None:
+        """Answers the next ``n`` conditional PUTs (``If-None-Match`` or ``If-Match``) with ``409
+        ConditionalRequestConflict``, as AWS answers a conditional write that races another on the same key."""
         with self._lock:
-            self._outage_until, self._resets, self._answers = 0.0, [], []
+            self._conflicts += n
+
+    def clear(self) -> None:
+        """Cancels pending faults, ends an outage and forwards conditional headers again."""
+        with self._lock:
+            self._outage_until, self._resets, self._answers, self._conflicts = 0.0, [], [], 0
+            self.strip_if_none_match = False
 
     def reset_counters(self) -> None:
         """Sets the byte, request, connection and injected-fault counters to zero."""
@@ -112,14 +128,29 @@ class FaultProxy:
         with self._lock:
             self._answers.extend([(status, code, message)] * n)
 
-    def _take_answer(self) -> tuple[int, str, str] | None:
+    def _take_answer(self, head: bytes) -> tuple[int, str, str] | None:
         """The injected answer for the request just seen, if one is pending; counts the request."""
         with self._lock:
             self.requests += 1
+            if self._conflicts and _conditional_put(head):
+                self._conflicts -= 1
+                self.injected += 1
+                return 409, "ConditionalRequestConflict", "A conflicting operation occurred. Retry the request."
             if not self._answers:
                 return None
             self.injected += 1
             return self._answers.pop(0)
+
+    def _rewrite(self, head: bytes) -> bytes:
+        """The request head to forward: without ``If-None-Match`` on a PUT while ``strip_if_none_match`` is on."""
+        if not (self.strip_if_none_match and head.startswith(b"PUT ")):
+            return head
+        lines = head.split(b"\r\n")
+        kept = [line for line in lines if not line.lower().startswith(b"if-none-match:")]
+        if len(kept) < len(lines):
+            with self._lock:
+                self.injected += 1
+        return b"\r\n".join(kept)
 
     def _take_reset(self) -> int | None:
         with self._lock:
@@ -178,29 +209,39 @@ class _Relay(threading.Thread):
         self._killed.set()
 
     def run(self) -> None:
+        orderly = False
         try:
             self.upstream = socket.create_connection(self.proxy.target, timeout=5)
-            self._loop()
+            orderly = self._loop()
         except OSError:
             pass
         finally:
-            _reset(self.client)
+            if orderly:  # the server ended the connection after its response (a 412 is sent before the body is read)
+                _close(self.client)
+            else:
+                _reset(self.client)
             if self.upstream is not None:
                 _reset(self.upstream)
             self.proxy._forget(self)
 
-    def _loop(self) -> None:
+    def _loop(self) -> bool:
+        """Relays until either side ends or a fault ends the connection; True when the server ended it after a whole
+        response (closed, or reset for a request body it never read), to be passed on as an orderly close."""
         sockets = [self.client, self.upstream]
         while not (self._killed.is_set() or self.proxy._stopping() or self.proxy.in_outage()):
             readable, _, _ = select.select(sockets, [], [], _POLL_S)
             for sock in readable:
-                data = sock.recv(1 << 16)
+                try:
+                    data = sock.recv(1 << 16)
+                except ConnectionResetError:
+                    return sock is self.upstream and self._down > 0 and self._reset_at is None
                 if not data:
-                    return
+                    return sock is self.upstream and self._reset_at is None
                 if sock is self.client and not self._from_client(data):
-                    return
+                    return False
                 if sock is self.upstream and not self._from_upstream(data):
-                    return
+                    return False
+        return False
 
     def _from_client(self, data: bytes) -> bool:
         """Forwards request bytes, answering a request itself when a fault is pending; False to end the connection."""
@@ -219,12 +260,12 @@ class _Relay(threading.Thread):
                     self._raw, data, self._head = True, self._head, b""
                 continue
             head, data, self._head = self._head[: end + 4], self._head[end + 4 :], b""
-            answer = self.proxy._take_answer()
+            answer = self.proxy._take_answer(head)
             if answer is not None:
                 self.client.sendall(_error_response(head, *answer))
                 return False
             self._body_left, self._raw = _body_length(head)
-            self._send_up(head)
+            self._send_up(self.proxy._rewrite(head))
         return True
 
     def _from_upstream(self, data: bytes) -> bool:
@@ -261,14 +302,32 @@ def _body_length(head: bytes) -> tuple[int, bool]:
     return length, chunked
 
 
+def _conditional_put(head: bytes) -> bool:
+    """Whether a request head is a PUT carrying ``If-None-Match`` or ``If-Match``."""
+    lines = head.lower().split(b"\r\n")
+    return lines[0].startswith(b"put ") and any(line.startswith((b"if-none-match:", b"if-match:")) for line in lines[1:])
+
+
 def _error_response(head: bytes, status: int, code: str, message: str) -> bytes:
     """An S3-style XML error response (no body for HEAD requests), closing the connection."""
     body = (f'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>{code}</Code><Message>{message}</Message>'
             f"<RequestId>faultproxy</RequestId></Error>").encode()
-    reason = {503: "Slow Down", 403: "Forbidden"}.get(status, "Error")
+    reason = {503: "Slow Down", 403: "Forbidden", 409: "Conflict"}.get(status, "Error")
     lines = (f"HTTP/1.1 {status} {reason}\r\nContent-Type: application/xml\r\nContent-Length: {len(body)}\r\n"
              "Connection: close\r\n\r\n").encode()
     return lines if head.startswith(b"HEAD ") else lines + body
+
+
+def _close(sock: socket.socket) -> None:
+    """Closes ``sock`` in order (FIN after every byte sent), as a server that ends a connection does."""
+    try:
+        sock.shutdown(socket.SHUT_WR)
+    except OSError:
+        pass
+    try:
+        sock.close()
+    except OSError:
+        pass
 
 
 def _reset(sock: socket.socket) -> None:

@@ -1,5 +1,8 @@
 """Shared by the precompute tests: a tiny user backbone module, a local 2-CPU Ray, reference stores and store comparison.
 
+Tests whose subject is not Ray run their jobs in process (``tiny_config(..., in_process=True)``, ``--in-process``): the
+tiny module only has to be importable here (``tiny_modules``); those about actors, placement and kills use ``local_ray``.
+
 Import it as ``from tests.helpers import precompute as helpers``.
 """
 
@@ -7,11 +10,12 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
 import textwrap
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, NamedTuple
 
 import numpy as np
 
@@ -58,25 +62,66 @@ def write_tiny_module(folder: Path) -> Path:
 
 
 @contextmanager
-def local_ray(module_dir: Path, slow_flag: Path) -> Iterator[None]:
-    """A 2-CPU local Ray whose workers can import the tiny module and see the slow flag (set in their environment)."""
+def tiny_modules(root: Path) -> Iterator[Path]:
+    """The tiny module written under ``root``, importable in this process while the context lasts (no Ray)."""
+    modules = write_tiny_module(root / "mods")
+    sys.path.insert(0, str(modules))
+    try:
+        yield modules
+    finally:
+        sys.path.remove(str(modules))
+
+
+@contextmanager
+def slow_forwards() -> Iterator[None]:
+    """Every forward of the tiny backbone in this process sleeps SLOW_SECONDS while the context lasts (in-process runs;
+    Ray workers watch the flag of ``RayEnv``)."""
+    flag = Path(tempfile.mkdtemp()) / "slow.flag"
+    saved = os.environ.get(SLOW_FLAG_ENV)
+    os.environ[SLOW_FLAG_ENV] = str(flag)
+    flag.touch()
+    try:
+        yield
+    finally:
+        flag.unlink()
+        flag.parent.rmdir()
+        if saved is None:
+            os.environ.pop(SLOW_FLAG_ENV)
+        else:
+            os.environ[SLOW_FLAG_ENV] = saved
+
+
+class RayEnv(NamedTuple):
+    """The test run's one local Ray: where its workers import the tiny module from, and the slow flag they watch."""
+
+    modules: Path
+    flag: Path
+
+
+@contextmanager
+def local_ray(root: Path) -> Iterator[RayEnv]:
+    """A 2-CPU local Ray whose workers can import the tiny module (written under ``root``) and see the slow flag.
+
+    The whole test run shares one (the ``ray_env`` session fixture): starting Ray and its worker pool costs seconds.
+    """
     import ray
 
+    ray_env = RayEnv(write_tiny_module(root / "mods"), root / "slow.flag")
     env = {
-        "PYTHONPATH": os.pathsep.join(filter(None, [str(module_dir), os.environ.get("PYTHONPATH")])),
-        SLOW_FLAG_ENV: str(slow_flag),
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(ray_env.modules), os.environ.get("PYTHONPATH")])),
+        SLOW_FLAG_ENV: str(ray_env.flag),
         "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0",
         "HF_HUB_OFFLINE": "1",
     }
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
-    sys.path.insert(0, str(module_dir))
+    sys.path.insert(0, str(ray_env.modules))
     ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING")  # never another job's Ray
     try:
-        yield
+        yield ray_env
     finally:
         ray.shutdown()
-        sys.path.remove(str(module_dir))
+        sys.path.remove(str(ray_env.modules))
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)

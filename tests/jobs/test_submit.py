@@ -59,7 +59,7 @@ def test_the_runtime_env_uploads_the_project_without_environments_or_outputs(tmp
     assert submit.build_runtime_env(SimpleNamespace(env=[], no_working_dir=True, working_dir=None)) == {}
     with pytest.raises(ConfigError, match=r"--working-dir: expected the featup-pipeline project folder .* --no-working-dir"):
         submit.build_runtime_env(SimpleNamespace(env=[], no_working_dir=False, working_dir=str(tmp_path)))
-    with pytest.raises(ConfigError, match="--env: expected KEY=VALUE, got 'AWS_REGION'"):
+    with pytest.raises(ConfigError, match="--env: expected KEY=VALUE, got a value without a name and '=' \\(not shown: it may be a secret\\)"):
         submit.build_runtime_env(SimpleNamespace(env=["AWS_REGION"], no_working_dir=True, working_dir=None))
 
 
@@ -214,7 +214,8 @@ def cluster(tmp_path_factory):
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RAY_AUTH_TOKEN_PATH")}
     env.update({
         "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token,  # head, nodes and the submitting client agree
-        "PATH": f"{BIN}{os.pathsep}{env.get('PATH', '')}", "PYTHONPATH": str(modules), helpers.SLOW_FLAG_ENV: str(flag),
+        "PATH": f"{BIN}{os.pathsep}{env.get('PATH', '')}", helpers.SLOW_FLAG_ENV: str(flag),
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(modules), os.environ.get("PYTHONPATH")])),  # a checkout on the path wins
         "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0", "HF_HUB_OFFLINE": "1", "RAY_USAGE_STATS_ENABLED": "0",
         "RAY_health_check_period_ms": "1000", "RAY_health_check_failure_threshold": "3",  # a lost node is seen in seconds
         "RAY_health_check_timeout_ms": "1000",
@@ -252,14 +253,19 @@ def _nodes_by_resource(report: dict) -> dict[str, dict]:
 def test_a_precompute_job_submitted_to_two_nodes_runs_actors_on_both_and_equals_a_single_node_run(cluster, tmp_path):
     second = cluster.cluster.add_node("node_b")
     cluster.flag.touch()  # every model call sleeps: shards take long enough for both actors to be up and take some
+    env_secret, option_secret = f"env-{uuid.uuid4().hex}", f"option-{uuid.uuid4().hex}"  # credentials given to the job
     try:
         output = tmp_path / "two-nodes.zarr"
-        done = subprocess.run(_submit_command(cluster, output), env=cluster.env, capture_output=True, text=True, timeout=JOB_TIMEOUT_S)
+        command = _submit_command(cluster, output)
+        command[2:2] = ["--env", f"FEATUP_TEST_SECRET_TOKEN={env_secret}"]
+        command += ["--storage-option", f"token={option_secret}"]  # no remote output here: taken, and never stored
+        done = subprocess.run(command, env=cluster.env, capture_output=True, text=True, timeout=JOB_TIMEOUT_S)
     finally:
         cluster.flag.unlink()
         second.stop()
     assert done.returncode == 0, done.stdout[-5000:] + done.stderr[-5000:]
     job_id = _job_id(done.stdout)
+    _assert_secrets_kept(cluster, job_id, output, done, env_secret, option_secret)
     assert f"featup: job {job_id} SUCCEEDED" in done.stdout
     total = N_SHARDS * PER_SHARD
     assert f"| {total}/{total} img [" in done.stdout  # the job's own progress bar: its logs were followed to the end
@@ -272,6 +278,21 @@ def test_a_precompute_job_submitted_to_two_nodes_runs_actors_on_both_and_equals_
     assert sorted(nodes) == ["node_a", "node_b"], report["actors"]  # actors ran on the head and on the second node
     assert nodes["node_a"]["id"] != nodes["node_b"]["id"] and all(n["shards"] >= 1 for n in nodes.values())
     assert sum(n["samples"] for n in nodes.values()) == N_SHARDS * PER_SHARD
+
+
+def _assert_secrets_kept(cluster, job_id: str, output: Path, done, env_secret: str, option_secret: str) -> None:
+    """--env reached the job only through its runtime environment (the entrypoint `ray job list` shows lacks it); submit
+    warned that both are readable on the cluster; neither is on screen, in the report or in any file of the store."""
+    from ray.job_submission import JobSubmissionClient
+
+    token = {"Authorization": f"Bearer {cluster.env['RAY_AUTH_TOKEN']}"}
+    info = JobSubmissionClient(cluster.cluster.address, headers=token).get_job_info(job_id)
+    assert env_secret not in info.entrypoint and info.runtime_env["env_vars"]["FEATUP_TEST_SECRET_TOKEN"] == env_secret
+    assert "featup: warning: --env FEATUP_TEST_SECRET_TOKEN=***, --storage-option token=*** can be read on the cluster" in done.stderr
+    stored = b"".join(p.read_bytes() for p in sorted(output.rglob("*")) if p.is_file())
+    for secret in (env_secret, option_secret):
+        assert secret not in done.stdout + done.stderr and secret.encode() not in stored, secret
+    assert "token=***" in FeatureStore.open(str(output), mode="r").read_report()["command_line"]
 
 
 @pytest.mark.slow

@@ -37,10 +37,9 @@ def env(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def ray_env(env):
-    """A local 2-CPU Ray for the module (workers import the tiny module)."""
-    with helpers.local_ray(env["modules"], env["flag"]):
-        yield env
+def ray_env(env, ray_env):
+    """The module's files with the run's local Ray (workers import the tiny module from its own folder)."""
+    return {**env, "modules": ray_env.modules, "flag": ray_env.flag}
 
 
 def _child(env, *args, log: Path) -> subprocess.Popen:
@@ -112,14 +111,14 @@ def test_a_killed_run_resumes_from_its_last_checkpoint_and_ends_as_an_uninterrup
     assert (tmp_path / "jbu.losses.png").stat().st_size > 0
 
 
-def test_the_trained_checkpoint_runs_in_precompute(ray_env, tmp_path, capsys):
+def test_the_trained_checkpoint_runs_in_precompute(env, tmp_path, capsys):
     ckpt = tmp_path / "jbu.ckpt"
-    assert main(["train-jbu", ray_env["pattern"], "--output", str(ckpt), *TINY, "--steps", "2"]) == 0
+    assert main(["train-jbu", env["pattern"], "--output", str(ckpt), *TINY, "--steps", "2"]) == 0
     assert "trained to step 2" in capsys.readouterr().out
     store = tmp_path / "features.zarr"
-    code = main(["precompute", ray_env["pattern"], "--output", str(store), "--backbone", helpers.TINY_BACKBONE,
+    code = main(["precompute", env["pattern"], "--output", str(store), "--backbone", helpers.TINY_BACKBONE,
                  "--weights", "random", "--image-size", "32", "--kernel-backend", "eager", "--checkpoint", str(ckpt),
-                 "--dtype", "float32", "--device", "cpu", "--batch-size", "2"])
+                 "--dtype", "float32", "--device", "cpu", "--batch-size", "2", "--in-process"])  # the checkpoint is the subject
     assert code == 0, capsys.readouterr().err
     from pipeline.store.features import FeatureStore
 

@@ -17,6 +17,7 @@ def test_fingerprint_holds_the_content_settings_and_not_the_resources():
     resources = dict(actors=4, batch_size=2, cpus_per_actor=2.0, gpus_per_actor=0.5, address="auto", max_errors=3,
                      decode_threads=4, kernel_backend="eager", overwrite=True, device="cpu", inputs=("b.tar",))
     assert _config(**resources).store_fingerprint() == base.store_fingerprint()
+    assert _config(in_process=True).store_fingerprint() == base.store_fingerprint()  # where it runs: not the content
     for name, value in dict(dtype="float32", image_size=448, channels=8, labels=("seg.png",), upsampler="bilinear",
                             compact=True).items():
         assert _config(**{name: value}).store_fingerprint()[name] != base.store_fingerprint()[name]
@@ -26,12 +27,12 @@ def test_fingerprint_holds_the_content_settings_and_not_the_resources():
     "overrides, message",
     [
         (dict(inputs=()), "inputs: expected one or more shard paths"),
-        (dict(upsampler="nearest"), "--upsampler: expected one of jbu, bilinear, implicit, got 'nearest'"),
+        (dict(upsampler="nearest"), "--upsampler: expected one of jbu, bilinear, implicit, anyup, jafar, loftup, naf, uplift, got 'nearest'"),
         (dict(dtype="int8"), "--dtype: expected one of float16, bfloat16, float32, got 'int8'"),
         (dict(scale=2, output_size=64), "expected at most one of them"),
         (dict(image_size=0), "image-size: expected a positive integer, got 0"),
         (dict(channels=-3), "channels: expected a positive integer, got -3"),
-        (dict(checkpoint="jbu.ckpt", upsampler="bilinear"), "--upsampler: expected jbu with --checkpoint"),
+        (dict(checkpoint="jbu.ckpt", upsampler="bilinear"), "--upsampler: expected jbu or one of anyup, jafar, loftup, naf, uplift with --checkpoint"),
         (dict(labels=("seg.png", "seg.png")), "expected distinct extensions"),
         (dict(labels=("features",)), "expected names other than"),
         (dict(actors=0), "actors: expected a positive integer, got 0"),
@@ -39,6 +40,10 @@ def test_fingerprint_holds_the_content_settings_and_not_the_resources():
         (dict(gpus_per_actor=-1), "--gpus-per-actor: expected a number >= 0, got -1"),
         (dict(write_threads=-1), "--write-threads: expected an integer >= 0, got -1"),
         (dict(device="tpu"), "--device: expected auto, cpu or cuda[:N], got 'tpu'"),
+        (dict(in_process="yes"), "--in-process: expected True or False, got 'yes'"),
+        (dict(in_process=True, address="auto"), "--in-process: expected no --address .*, got --address auto"),
+        (dict(in_process=True, actors=2), "--in-process: expected --actors 1 .*, got --actors 2"),
+        (dict(in_process=True, actors="auto"), "--in-process: expected --actors 1 .*, got --actors auto"),
         (dict(device="cuda", gpus_per_actor=0), "--gpus-per-actor: expected a number > 0 with --device cuda"),
         (dict(max_errors=1.5), "--max-errors: expected a fraction between 0 and 1, got 1.5"),
         (dict(kernel_backend="fast"), "--kernel-backend: expected one of auto, compiled, eager, got 'fast'"),

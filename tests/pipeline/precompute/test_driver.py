@@ -1,4 +1,6 @@
-"""The precompute driver on a real local Ray (2 CPUs): actor count independence, resume, killed actors, locking, errors, S3."""
+"""The precompute driver: resume, errors, duplicates, encodings and S3 in process (``in_process=True``: the same driver
+loop with one worker here, no Ray); actor count independence, a killed actor with a second job refused, and the actors'
+CPUs on the run's real local Ray (2 CPUs)."""
 
 import io
 import json
@@ -20,14 +22,16 @@ N_SHARDS, PER_SHARD = 4, 5
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    """One local Ray for the module, the tiny backbone module, the slow flag path and four good shards."""
+def env(tmp_path_factory, tiny_modules):
+    """Four good shards (the tiny backbone module importable here; the Ray tests ask for ``ray_env`` too)."""
     root = tmp_path_factory.mktemp("scheduler")
-    modules = helpers.write_tiny_module(root / "mods")
-    flag = root / "slow.flag"
     shards = corpus.make_good_shards(root / "in", n_shards=N_SHARDS, per_shard=PER_SHARD)
-    with helpers.local_ray(modules, flag):
-        yield {"root": root, "flag": flag, "shards": shards}
+    return {"root": root, "shards": shards}
+
+
+def _config(inputs, output, **overrides):
+    """The tiny config run in process: the tests whose subject is not Ray."""
+    return helpers.tiny_config(inputs, output, in_process=True, **overrides)
 
 
 @pytest.fixture(scope="module")
@@ -57,29 +61,39 @@ def _run_in_thread(config, outcome):
     return thread
 
 
-def test_one_and_two_actors_write_the_same_store_as_plain_workers(env, tmp_path):
+def test_in_process_one_actor_and_two_actors_write_the_same_store(env, ray_env, tmp_path):
+    """One in-process run, then one run on 1 and on 2 Ray actors of the same config: the three stores are bit-identical,
+    and each report says where it ran. (The in-process store is the reference here; the in-process runs of the other
+    tests are compared with plain ShardWorker calls.)"""
     timm = dict(backbone="timm:vit_tiny_patch16_224", image_size=32, channels=8)  # the PCA travels to the actors
-    expected = helpers.tiny_config(env["shards"], tmp_path / "expected.zarr", **timm)
-    helpers.reference_store(expected)
+    expected = _config(env["shards"], tmp_path / "in-process.zarr", **timm)
+    code, report, err = _run(expected)
+    assert code == 0, err
+    actors = report["actors"]
+    assert actors["mode"] == "in-process" and actors["count"] == 1 and actors["started"] == 1 and actors["restarts"] == 0
+    (worker,) = actors["per_actor"].values()
+    assert worker["node_id"] == "local" and worker["torch_threads"] == 1 and worker["shards"] == N_SHARDS
+    assert report["samples"] == {**report["samples"], "total": 20, "computed": 20, "ok": 20, "failed": 0}
+    assert "precompute: 100%|" in err and "| 20/20 img [" in err and "shards 4/4" in err
     for actors in (1, 2):
         config = helpers.tiny_config(env["shards"], tmp_path / f"actors{actors}.zarr", actors=actors, **timm)
-        env["flag"].touch()  # every forward sleeps: a loaded machine cannot let one actor finish before the other is up
+        ray_env.flag.touch()  # every forward sleeps: a loaded machine cannot let one actor finish before the other is up
         try:
             code, report, err = _run(config)
         finally:
-            env["flag"].unlink()
+            ray_env.flag.unlink()
         assert code == 0, err
         helpers.assert_same_store(expected.output, config.output)
         assert report["status"] == "complete" and report["shards"]["computed"] == N_SHARDS
         assert report["samples"] == {**report["samples"], "total": 20, "computed": 20, "ok": 20, "failed": 0}
-        assert len(report["actors"]["per_actor"]) == actors
+        assert report["actors"]["mode"] == "ray" and len(report["actors"]["per_actor"]) == actors
         assert set(report["time_split_s"]) == {"read_wait", "decode_threads", "model", "write"}
         assert FeatureStore.open(config.output, mode="r").read_report() == report
         assert "precompute: 100%|" in err and "| 20/20 img [" in err and "shards 4/4" in err and "img/s" in err
 
 
 def test_rerun_computes_only_uncommitted_shards(env, reference, tmp_path):
-    config = helpers.tiny_config(env["shards"], tmp_path / "partial.zarr")
+    config = _config(env["shards"], tmp_path / "partial.zarr")
     helpers.reference_store(config)
     store = FeatureStore.open(config.output)
     markers = {i: store.fs.cat_file(f"{store.root}/_featup/commits/shard-{i:06d}.json") for i in (0, 2)}
@@ -96,45 +110,57 @@ def test_rerun_computes_only_uncommitted_shards(env, reference, tmp_path):
     helpers.assert_same_store(reference, config.output, same_urls=True)
 
 
-def test_actor_killed_mid_shard_is_replaced_and_the_store_equals_a_clean_run(env, reference, tmp_path):
+def test_a_rerun_computes_again_the_shards_whose_committed_rows_lost_their_objects(env, reference, tmp_path):
+    config = _config(env["shards"], tmp_path / "lost.zarr")
+    helpers.reference_store(config)
+    store = FeatureStore.open(config.output)
+    markers = {i: store.fs.cat_file(f"{store.root}/_featup/commits/shard-{i:06d}.json") for i in (0, 2, 3)}
+    for name, row in (("features", PER_SHARD + 1), ("lowres", PER_SHARD + 3)):  # two rows of shard 1 lose an object
+        store.fs.rm_file(f"{store.root}/{name}/c/{row}/0/0/0")
+    out, err = io.StringIO(), io.StringIO()
+    assert run_precompute(_config(env["shards"], config.output, dry_run=True), out=out, err=err) == 0
+    assert "3 shards committed, 1 to compute" in out.getvalue() and "a run computes those shards again" in err.getvalue()
+
+    code, report, err = _run(config)
+    assert code == 0, err
+    assert (f"2 ok rows of 1 committed shards ({env['shards'][1]}) lost their stored objects and would read as zeros "
+            f"(features row {PER_SHARD + 1} (sample s0001-00001); lowres row {PER_SHARD + 3} (sample s0001-00003)); "
+            "those shards are computed again") in err
+    assert report["shards"]["redone_for_lost_rows"] == [env["shards"][1]] and report["shards"]["computed"] == 1
+    assert {i: store.fs.cat_file(f"{store.root}/_featup/commits/shard-{i:06d}.json") for i in (0, 2, 3)} == markers
+    helpers.assert_same_store(reference, config.output, same_urls=True)
+
+
+def test_a_second_job_is_refused_and_a_killed_actor_is_replaced_and_the_store_equals_a_clean_run(env, ray_env, reference, tmp_path):
+    """One Ray run on 2 actors checks both: while it holds the store's lock a second job (resume or --overwrite) is
+    refused, then an actor killed mid-shard is replaced, its shard redone, and the store equals a clean run; the lock is
+    released at the end."""
     config = helpers.tiny_config(env["shards"], tmp_path / "killed.zarr", actors=2, batch_size=2)
-    env["flag"].touch()
+    lock = tmp_path / "killed.zarr" / "_featup" / "run" / "lock.json"
+    ray_env.flag.touch()
     outcome = {}
     try:
         thread = _run_in_thread(config, outcome)
+        helpers.wait_for(lambda: lock.exists() or not thread.is_alive(), 60, "the first job's lock")
+        assert thread.is_alive(), outcome
+        with pytest.raises(StoreLockedError, match="expected no other job writing to it"):
+            run_precompute(config, out=io.StringIO(), err=io.StringIO())
+        with pytest.raises(StoreLockedError):
+            run_precompute(helpers.tiny_config(env["shards"], config.output, overwrite=True), out=io.StringIO(), err=io.StringIO())
         victim = helpers.wait_for(helpers.busy_actor, 60, "an actor part-way through a shard")
         import ray
 
         os.kill(ray.get(victim.pid.remote()), signal.SIGKILL)
     finally:
-        env["flag"].unlink()
+        ray_env.flag.unlink()
     thread.join(120)
     assert "error" not in outcome, outcome.get("error")
     code, report, err = outcome["result"]
-    assert code == 0, err
+    assert code == 0, err  # the first job was not disturbed by the refused ones
     assert report["actors"]["restarts"] == 1 and report["shards"]["retries"] == 1
     assert "will be redone: its worker died" in err
     helpers.assert_same_store(reference, config.output, same_urls=True)
-
-
-def test_a_second_job_on_a_store_in_use_is_refused(env, reference, tmp_path):
-    config = helpers.tiny_config(env["shards"], tmp_path / "busy.zarr")
-    env["flag"].touch()
-    outcome = {}
-    try:
-        thread = _run_in_thread(config, outcome)
-        helpers.wait_for(lambda: (tmp_path / "busy.zarr" / "_featup" / "run" / "lock.json").exists(), 60, "the first job's lock")
-        with pytest.raises(StoreLockedError, match="expected no other job writing to it"):
-            run_precompute(config, out=io.StringIO(), err=io.StringIO())
-        with pytest.raises(StoreLockedError):
-            run_precompute(helpers.tiny_config(env["shards"], config.output, overwrite=True), out=io.StringIO(), err=io.StringIO())
-    finally:
-        env["flag"].unlink()
-    thread.join(120)
-    assert "error" not in outcome, outcome.get("error")
-    assert outcome["result"][0] == 0  # the first job was not disturbed
-    helpers.assert_same_store(reference, config.output, same_urls=True)
-    assert not (tmp_path / "busy.zarr" / "_featup" / "run" / "lock.json").exists()  # released at the end
+    assert not lock.exists()  # released at the end
 
 
 def test_bad_inputs_are_recorded_and_the_job_goes_on(env, tmp_path):
@@ -144,7 +170,7 @@ def test_bad_inputs_are_recorded_and_the_job_goes_on(env, tmp_path):
     inputs = [bad, truncated, unreadable, env["shards"][0]]
     reference = helpers.tiny_config(inputs, tmp_path / "reference.zarr")
     helpers.reference_store(reference)
-    config = helpers.tiny_config(inputs, tmp_path / "bad.zarr", actors=2)
+    config = _config(inputs, tmp_path / "bad.zarr")
     code, report, err = _run(config)
     assert code == 0, err
     helpers.assert_same_store(reference.output, config.output, same_urls=True)
@@ -157,7 +183,7 @@ def test_bad_inputs_are_recorded_and_the_job_goes_on(env, tmp_path):
 
 def test_exceeding_max_errors_stops_the_job_with_a_summary(env, tmp_path):
     bad, expected = corpus.make_bad_shard(tmp_path / "in")
-    config = helpers.tiny_config([bad, *env["shards"]], tmp_path / "errors.zarr", max_errors=3)
+    config = _config([bad, *env["shards"]], tmp_path / "errors.zarr", max_errors=3)
     code, report, err = _run(config)
     assert code == 1
     failed = sum(status == "error" for status in expected.values())
@@ -171,7 +197,7 @@ def test_s3_shards_in_and_s3_store_out(env, reference, tmp_path, s3_server):
     options = s3_server.storage_options
     shards = corpus.make_good_shards(s3_server.url("shards"), N_SHARDS, PER_SHARD, storage_options=options)
     output = s3_server.url("store") + "/features.zarr"
-    config = helpers.tiny_config(shards, output, storage_options=options, actors=2)
+    config = _config(shards, output, storage_options=options)
     code, report, err = _run(config)
     assert code == 0, err
     assert report["samples"]["ok"] == N_SHARDS * PER_SHARD
@@ -184,7 +210,7 @@ def test_duplicate_keys_are_failed_rows_naming_the_first_shard_and_never_served(
     rng = __import__("numpy").random.default_rng(7)
     first = corpus.write_shard(tmp_path / "in" / "a.tar", [corpus.good_sample(k, rng) for k in ("k1", "k2", "k3")])
     again = corpus.write_shard(tmp_path / "in" / "b.tar", [corpus.good_sample(k, rng) for k in ("k4", "k2", "k4")])
-    config = helpers.tiny_config([first, again], tmp_path / "dups.zarr", max_errors=None)
+    config = _config([first, again], tmp_path / "dups.zarr", max_errors=None)
     code, report, _ = _run(config)
     assert code == 0 and report["samples"]["duplicate_keys"] == 2
     _, index = helpers.read_store(config.output)
@@ -199,7 +225,7 @@ def test_duplicate_keys_are_failed_rows_naming_the_first_shard_and_never_served(
 def test_a_job_in_which_no_sample_succeeded_fails_with_its_reasons(env, tmp_path):
     broken = [corpus.write_shard(tmp_path / "in" / f"broken-{i}.tar", [{"__key__": f"b{i}-{j}", "jpg": b"not an image"}
                                                                         for j in range(3)]) for i in range(2)]
-    config = helpers.tiny_config(broken, tmp_path / "none.zarr", max_errors=1.0)  # the limit would allow every failure
+    config = _config(broken, tmp_path / "none.zarr", max_errors=1.0)  # the limit would allow every failure
     code, report, err = _run(config)
     assert code == 1 and report["status"] == "failed"
     assert report["failure"] == f"no sample succeeded: all {report['samples']['total']} samples failed"
@@ -211,7 +237,7 @@ def test_the_default_error_limit_stops_a_mostly_broken_job(env, tmp_path):
     from pipeline.precompute.config import DEFAULT_MAX_ERRORS, PrecomputeConfig
 
     assert PrecomputeConfig(inputs=("a.tar",), output="o.zarr", backbone="dino16").max_errors == DEFAULT_MAX_ERRORS == 0.05
-    config = helpers.tiny_config([bad, env["shards"][0]], tmp_path / "default-limit.zarr", max_errors=DEFAULT_MAX_ERRORS)
+    config = _config([bad, env["shards"][0]], tmp_path / "default-limit.zarr", max_errors=DEFAULT_MAX_ERRORS)
     code, report, err = _run(config)
     assert code == 1 and "failed samples exceed --max-errors 0.05" in report["failure"]
 
@@ -234,7 +260,7 @@ def test_the_lock_is_renewed_from_the_moment_it_is_taken(tmp_path):
     store.release_lock()
 
 
-def test_one_actor_by_default_uses_every_cpu_of_the_local_ray_for_torch(env, tmp_path):
+def test_one_actor_by_default_uses_every_cpu_of_the_local_ray_for_torch(env, ray_env, tmp_path):
     config = helpers.tiny_config(env["shards"][:1], tmp_path / "threads.zarr", cpus_per_actor=None)
     code, report, _ = _run(config)
     (actor,) = report["actors"]["per_actor"].values()
@@ -250,7 +276,7 @@ def test_encoded_stores_read_back_as_float_features_close_to_the_float32_store(e
 
     from pipeline.store.reader import open_features
 
-    config = helpers.tiny_config(env["shards"], tmp_path / "encoded.zarr", **encoding)
+    config = _config(env["shards"], tmp_path / "encoded.zarr", **encoding)
     code, report, _ = _run(config)
     assert code == 0
     exact, encoded = open_features(reference), open_features(config.output)
@@ -273,10 +299,10 @@ def test_encoded_stores_read_back_as_float_features_close_to_the_float32_store(e
 def test_a_resume_with_another_encoding_is_refused_naming_it(env, tmp_path):
     from featup.errors import ConfigError
 
-    config = helpers.tiny_config(env["shards"][:1], tmp_path / "codec.zarr", quantize="int8")
+    config = _config(env["shards"][:1], tmp_path / "codec.zarr", quantize="int8")
     assert _run(config)[0] == 0
     with pytest.raises(ConfigError, match='quantize: store has "int8", this run has null'):
-        run_precompute(helpers.tiny_config(env["shards"][:1], config.output), out=io.StringIO(), err=io.StringIO())
+        run_precompute(_config(env["shards"][:1], config.output), out=io.StringIO(), err=io.StringIO())
 
 
 def test_materialize_after_a_killed_actor_equals_the_full_store_of_the_same_command(env, tmp_path):

@@ -2,7 +2,9 @@
 
 Faults are real: the proxy resets connections, refuses them for a set time, or answers 503 SlowDown; the worker
 is SIGKILLed. Every job either rides the fault out (exit 0, store equal to a clean run) or stops with one clear
-message, and then the rerun of the same command completes it, equal to a clean run.
+message, and then the rerun of the same command completes it, equal to a clean run. Storage is the subject of the
+ride-out and of the reruns, which run in process (``in_process=True``); the job stopped by a long outage runs as a user's
+command on its own Ray (the storage error comes back through a Ray task), and the killed worker is a Ray actor.
 """
 
 from __future__ import annotations
@@ -29,12 +31,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.a
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
+def env(tmp_path_factory, tiny_modules):
+    """The tiny backbone module (importable here) and a slow flag path for child jobs."""
     root = tmp_path_factory.mktemp("faults")
-    modules = helpers.write_tiny_module(root / "mods")
-    flag = root / "slow.flag"
-    with helpers.local_ray(modules, flag):
-        yield {"root": root, "flag": flag, "modules": modules}
+    return {"root": root, "flag": root / "slow.flag", "modules": tiny_modules}
 
 
 @pytest.fixture
@@ -64,21 +64,19 @@ def _commits(url: str, options: dict) -> int:
 
 
 def test_a_job_on_s3_rides_out_an_outage_resets_and_slowdowns(env, s3_server, proxy):
+    """In process: the worker reading and writing, the driver renewing its lock, all through the proxy."""
     shards, output, reference = _job(s3_server, "ride")
-    config = helpers.tiny_config(shards, output, storage_options=_through(s3_server, proxy), batch_size=2, actors=2,
+    config = helpers.tiny_config(shards, output, storage_options=_through(s3_server, proxy), batch_size=2, in_process=True,
                                  io_retry_seconds=60)
     outcome: dict = {}
-    env["flag"].touch()  # every forward sleeps: the faults land mid-job
-    try:
-        thread = threading.Thread(target=lambda: outcome.update(code=run_precompute(config, out=io.StringIO(), err=io.StringIO())))
+    thread = threading.Thread(target=lambda: outcome.update(code=run_precompute(config, out=io.StringIO(), err=io.StringIO())))
+    with helpers.slow_forwards():  # every forward sleeps: the faults land mid-job
         thread.start()
         helpers.wait_for(lambda: _commits(output, s3_server.storage_options) >= 1 or not thread.is_alive(), 120, "a first commit")
-        proxy.outage(6.0)  # two actors reading and writing, the driver renewing its lock: all refused for 6 s
+        proxy.outage(6.0)  # the worker reading and writing, the driver renewing its lock: all refused for 6 s
         helpers.wait_for(lambda: not proxy.in_outage(), 10, "the end of the outage")
         proxy.reset_next(3, after_bytes=2048)
         proxy.slowdown(4)
-    finally:
-        env["flag"].unlink()
     thread.join(300)
     assert outcome.get("code") == 0
     assert proxy.injected >= 3  # the resets and slowdowns met real requests
@@ -113,13 +111,15 @@ def test_an_outage_longer_than_the_budget_stops_with_one_message_and_the_rerun_c
     errors = [line[line.index("featup: error:"):] for line in text.splitlines() if "featup: error:" in line]
     assert len(errors) == 1 and "storage unavailable for 2 s" in errors[0] and "rerun the same command to resume" in errors[0], text[-6000:]
     assert "Traceback" not in text
+    stored = FeatureStore.open(output, s3_server.storage_options, mode="r").attrs["command_line"]  # the options' secret: masked
+    assert "secret=***" in stored and "key=***" in stored and not [a for a in stored if options["secret"] in a]
 
-    rerun = helpers.tiny_config(shards, output, storage_options=options, batch_size=2, io_retry_seconds=30)
+    rerun = helpers.tiny_config(shards, output, storage_options=options, batch_size=2, io_retry_seconds=30, in_process=True)
     assert run_precompute(rerun, out=io.StringIO(), err=io.StringIO()) == 0  # takes over the dead job's lock, computes the rest
     helpers.assert_same_store(reference, output, options_a=s3_server.storage_options, options_b=s3_server.storage_options)
 
 
-def test_a_worker_killed_while_it_writes_a_large_row_is_redone_equal(env, tmp_path):
+def test_a_worker_killed_while_it_writes_a_large_row_is_redone_equal(env, ray_env, tmp_path):
     import ray
 
     shards = corpus.make_good_shards(tmp_path / "in", 2, 3, size=(256, 256))
@@ -127,7 +127,7 @@ def test_a_worker_killed_while_it_writes_a_large_row_is_redone_equal(env, tmp_pa
     helpers.reference_store(reference)
     config = helpers.tiny_config(shards, tmp_path / "out.zarr", image_size=256, batch_size=1, save_image=True, actors=1)
     outcome: dict = {}
-    env["flag"].touch()
+    ray_env.flag.touch()
     try:
         thread = threading.Thread(target=lambda: outcome.update(
             code=run_precompute(config, out=io.StringIO(), err=io.StringIO(), json_output=True)))
@@ -137,7 +137,7 @@ def test_a_worker_killed_while_it_writes_a_large_row_is_redone_equal(env, tmp_pa
         helpers.wait_for(lambda: written.exists() and any(written.rglob("*")), 60, "the first rows written")
         os.kill(ray.get(actor.pid.remote()), signal.SIGKILL)  # between (or inside) the writes of its rows
     finally:
-        env["flag"].unlink()
+        ray_env.flag.unlink()
     thread.join(300)
     assert outcome.get("code") == 0
     report = FeatureStore.open(config.output, mode="r").read_report()

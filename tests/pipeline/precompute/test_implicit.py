@@ -1,4 +1,5 @@
-"""``--upsampler implicit`` in precompute: config, per-image fits in the extractor, progress, dry-run estimate, Ray run."""
+"""``--upsampler implicit`` in precompute: config, per-image fits in the extractor, progress, dry-run estimate, a whole
+run (in process: the fits, not Ray, are the subject)."""
 
 import io
 import json
@@ -23,13 +24,11 @@ FIT = ImplicitFitConfig(steps=5, n_views=8, pca_views=8, max_pad=4, n_freqs=8, h
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    """One local Ray for the module, the tiny backbone module and two shards of three samples."""
+def env(tmp_path_factory, tiny_modules):
+    """Two shards of three samples (the tiny backbone module importable here)."""
     root = tmp_path_factory.mktemp("implicit")
-    modules = helpers.write_tiny_module(root / "mods")
     shards = corpus.make_good_shards(root / "in", n_shards=2, per_shard=3)
-    with helpers.local_ray(modules, root / "slow.flag"):
-        yield {"root": root, "shards": shards}
+    return {"root": root, "shards": shards}
 
 
 def _config(env, name: str, **overrides):
@@ -103,13 +102,13 @@ def test_dry_run_estimates_the_time_per_image_and_in_total(env):
     assert not (env["root"] / "dry.zarr").exists()
 
 
-def test_precompute_on_two_actors_matches_the_in_process_reference(env):
+def test_a_whole_run_matches_plain_worker_calls(env):
     reference = _config(env, "reference.zarr")
     helpers.reference_store(reference)
-    config = _config(env, "ray.zarr", actors=2)
+    config = _config(env, "run.zarr", in_process=True)
     out, err = io.StringIO(), io.StringIO()
     assert run_precompute(config, out=out, err=err, json_output=True) == 0
     assert "--upsampler implicit fits one network per image (5 steps, 8 views): slow by nature" in err.getvalue()
     report = json.loads(out.getvalue())
-    assert report["samples"]["ok"] == 6
+    assert report["samples"]["ok"] == 6 and report["shards"]["computed"] == 2 and report["actors"]["mode"] == "in-process"
     helpers.assert_same_store(reference.output, config.output)

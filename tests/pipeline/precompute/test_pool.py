@@ -60,15 +60,13 @@ def test_write_threads_are_the_cpus_of_the_actors_gpus_or_its_own_cpus():
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    """A 2-CPU local Ray, the tiny backbone module, four good shards and their reference store (plain workers)."""
+def env(tmp_path_factory, ray_env):
+    """The run's 2-CPU local Ray, the tiny backbone module, four good shards and their reference store (plain workers)."""
     root = tmp_path_factory.mktemp("cluster")
-    modules = helpers.write_tiny_module(root / "mods")
     shards = corpus.make_good_shards(root / "in", n_shards=N_SHARDS, per_shard=PER_SHARD)
     reference = helpers.tiny_config(shards, root / "reference.zarr")
-    with helpers.local_ray(modules, root / "slow.flag"):
-        helpers.reference_store(reference)
-        yield {"shards": shards, "reference": reference.output, "modules": modules}
+    helpers.reference_store(reference)
+    return {"shards": shards, "reference": reference.output, "modules": ray_env.modules}
 
 
 def _run(config):

@@ -69,8 +69,9 @@ def test_bad_inputs_are_recorded_with_reasons_and_never_marked_ok(tmp_path):
     bad, expected = corpus.make_bad_shard(tmp_path / "in")
     truncated, truncated_ok = corpus.make_truncated_shard(tmp_path / "in")
     unreadable = corpus.make_unreadable_shard(tmp_path / "in")
+    cut = corpus.make_damaged_shard(tmp_path / "in", "truncated-at-header")  # no end-of-archive marker
     good = corpus.make_good_shards(tmp_path / "in", n_shards=1, per_shard=2)
-    config = helpers.tiny_config([bad, truncated, unreadable, *good], tmp_path / "out.zarr")
+    config = helpers.tiny_config([bad, truncated, unreadable, cut.path, *good], tmp_path / "out.zarr")
     helpers.reference_store(config)
     arrays, index = helpers.read_store(config.output)
 
@@ -84,6 +85,8 @@ def test_bad_inputs_are_recorded_with_reasons_and_never_marked_ok(tmp_path):
             assert corpus.BAD_REASONS[row["key"]] in row["error"]
     assert [(r["key"], r["status"]) for r in by_shard[truncated]] == [*truncated_ok.items(), (BROKEN_KEY, "error")]
     assert truncated in by_shard[truncated][-1]["error"] and "end of data" in by_shard[truncated][-1]["error"]
+    assert [(r["key"], r["status"]) for r in by_shard[cut.path]] == [*((k, "ok") for k in cut.keys), (BROKEN_KEY, "error")]
+    assert f"ends without it after {len(cut.keys)} samples" in by_shard[cut.path][-1]["error"]
     assert [(r["key"], r["status"]) for r in by_shard[unreadable]] == [(BROKEN_KEY, "error")]
     assert by_shard[unreadable][0]["error"]
     assert [r["status"] for r in by_shard[good[0]]] == ["ok", "ok"]

@@ -10,7 +10,7 @@ def test_storage_options_nest_on_dots_and_read_plain_values():
     pairs = ["anon=false", "client_kwargs.endpoint_url=http://127.0.0.1:9000", "client_kwargs.verify=true", "block_size=1024"]
     options = parse_storage_options(pairs)
     assert options == {"anon": False, "client_kwargs": {"endpoint_url": "http://127.0.0.1:9000", "verify": True}, "block_size": 1024}
-    with pytest.raises(ConfigError, match="--storage-option: expected KEY=VALUE, got 'anon'"):
+    with pytest.raises(ConfigError, match="--storage-option: expected KEY=VALUE, got a value without a key and '=' \\(not shown"):
         parse_storage_options(["anon"])
 
 

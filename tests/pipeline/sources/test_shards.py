@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gzip
+import io
 import pickle
 import sys
 import tarfile
@@ -91,12 +93,14 @@ def _tar_cuts(data: bytes) -> list[int]:
     return sorted({c for c in range(0, len(data), 131)} | {c for c in range(0, len(data), 512)} | {len(data) - 1})
 
 
-def test_truncated_tar_scan_and_iteration_agree_at_every_cut(tmp_path):
+def test_a_cut_anywhere_before_the_end_marker_is_reported_and_keeps_the_whole_samples_before_it(tmp_path):
     samples = [{"__key__": f"k{i}", "jpg": bytes([i]) * (300 + 700 * i), "cls": str(i).encode()} for i in range(4)]
     data = Path(corpus.write_shard(tmp_path / "full.tar", samples)).read_bytes()
     complete = {s["__key__"]: {k: v for k, v in s.items() if k != "__key__"} for s in samples}
-    with tarfile.open(tmp_path / "full.tar") as tar:
-        headers = [m.offset for m in tar.getmembers()]  # tar has no length field: a cut there looks like the end
+    members = corpus.member_offsets(tmp_path / "full.tar")
+    marker = members[-1][2] + -(-members[-1][3] // 512) * 512  # the end-of-archive marker: two zero blocks from here
+    # Sample i is whole once the next sample's first header is read (or, for the last one, the end marker).
+    whole_from = [members[2 * (i + 1)][1] + 512 for i in range(3)] + [marker + 1024]
     cut_path = tmp_path / "cut.tar"
     for cut in _tar_cuts(data):
         cut_path.write_bytes(data[:cut])
@@ -104,17 +108,79 @@ def test_truncated_tar_scan_and_iteration_agree_at_every_cut(tmp_path):
         try:
             info = scan_shard(str(cut_path), 0)
         except InputError:  # no complete header at all: unreadable, and iteration yields only the marker
-            assert got == [] and len(markers) == 1, cut
+            assert cut < 512 and got == [] and len(markers) == 1, cut
             continue
-        assert [s["__key__"] for s in got] == list(info.keys), cut
-        for s in got:  # every member handed on holds exactly its written bytes: nothing partial gets through
-            members = {k: v for k, v in s.items() if not k.startswith("__")}
-            assert members.items() <= complete[s["__key__"]].items(), cut
-            if members != complete[s["__key__"]]:  # only a cut at or inside a header reads as an earlier end of the tar
-                assert s is got[-1] and markers == [] and any(h <= cut < h + 512 for h in headers), cut
-        assert (len(markers) == 1) == (info.error is not None), cut
+        assert [s["__key__"] for s in got] == list(info.keys) == [f"k{i}" for i in range(4) if cut >= whole_from[i]], cut
+        assert all({k: v for k, v in s.items() if not k.startswith("__")} == complete[s["__key__"]] for s in got), cut
+        assert (len(markers) == 1) == (info.error is not None) == (cut < marker + 1024), cut
         if markers:
-            assert f"read error after {len(got)} samples" in markers[0]["__error__"] and str(cut_path) in markers[0]["__error__"]
+            reason = markers[0]["__error__"]
+            assert f"after {len(got)} samples" in reason and str(cut_path) in reason, cut
+            in_member = any(offset + 512 <= cut < offset + 512 + -(-size // 512) * 512 for _, offset, _, size in members)
+            assert ("unexpected end of data" if in_member else "without it after") in reason, (cut, reason)
+
+
+def test_a_shard_cut_at_a_header_says_it_ends_without_the_end_marker(tmp_path):
+    samples = [{"__key__": f"k{i}", "jpg": bytes([i]) * 700, "cls": str(i).encode()} for i in range(3)]
+    path = corpus.write_shard(tmp_path / "full.tar", samples)
+    data, members = Path(path).read_bytes(), corpus.member_offsets(path)
+    cut = tmp_path / "cut.tar"
+    cut.write_bytes(data[: members[4][1]])  # at the header of k2.jpg: tarfile and GNU tar read 2 samples, no error
+    with tarfile.open(cut) as tar:
+        assert len(tar.getmembers()) == 4
+    info = scan_shard(str(cut), 0)
+    got, markers = _samples(str(cut))
+    assert info.keys == ("k0",) == tuple(s["__key__"] for s in got)  # k1 may have had more members: left out
+    assert markers[0]["__error__"] == (
+        f"shard {cut}: expected a tar archive closed by its end-of-archive marker, got one that ends without it after "
+        f"1 samples (no end-of-archive marker (two zero blocks): the file ends at byte {members[4][1]}, where the next "
+        "header belongs, so it was cut there; sample k1, being read there, is left out); the samples after the cut are lost")
+    assert info.error in markers[0]["__error__"]
+
+
+def test_what_tar_writers_write_is_never_reported_as_cut(tmp_path):
+    import webdataset as wds
+
+    written = tmp_path / "wds.tar"
+    with wds.TarWriter(str(written)) as sink:
+        for i in range(3):
+            sink.write({"__key__": f"w{i}", "cls": str(i), "txt": "x" * (100 * i)})
+    data = written.read_bytes()
+    assert len(data) % 10240 == 0 and data.endswith(bytes(1024))  # tarfile: two zero blocks, then a 10240-byte record
+    for name, payload in (("exact.tar", _trim_to_marker(data)), ("padded.tar", data),
+                          ("trailing.tar", data + b"garbage after the end of the archive")):
+        path = tmp_path / name
+        path.write_bytes(payload)
+        got, markers = _samples(str(path))
+        assert [s["__key__"] for s in got] == ["w0", "w1", "w2"] and markers == [], name
+        assert scan_shard(str(path), 0).error is None, name
+    one_block = tmp_path / "one-zero-block.tar"  # cut inside the marker: GNU tar warns of "a lone zero block"
+    one_block.write_bytes(_trim_to_marker(data)[:-512])
+    assert "one zero block of two" in scan_shard(str(one_block), 0).error
+
+
+def test_a_cut_shard_on_s3_and_a_cut_gzip_stream_are_reported_by_scan_and_read_alike(tmp_path, s3_server):
+    samples = [{"__key__": f"k{i}", "jpg": bytes([i]) * 5000, "cls": str(i).encode()} for i in range(3)]
+    data = Path(corpus.write_shard(tmp_path / "full.tar", samples)).read_bytes()
+    cut = corpus.member_offsets(tmp_path / "full.tar")[4][1]  # k2's first header: the scan seeks past k0 and k1's data
+    url = f"{s3_server.url('cut')}/shard.tar"
+    with fsspec.open(url, "wb", **s3_server.storage_options) as f:
+        f.write(data[:cut])
+    gz = tmp_path / "cut.tar.gz"
+    gz.write_bytes(gzip.compress(data)[: len(gzip.compress(data)) // 2])
+    for shard, options in ((url, s3_server.storage_options), (str(gz), None)):
+        info = scan_shard(shard, 0, options)
+        got, markers = _samples(shard, options)
+        assert list(info.keys) == [s["__key__"] for s in got] and info.error is not None, shard
+        assert len(markers) == 1 and f"after {len(got)} samples" in markers[0]["__error__"], shard
+    assert info.keys == () and "after 0 samples" in markers[0]["__error__"]  # the gzip cut falls inside k0
+
+
+def _trim_to_marker(data: bytes) -> bytes:
+    """A tar up to and including its end-of-archive marker, without the record padding after it."""
+    members = list(tarfile.open(fileobj=io.BytesIO(data)))
+    last = members[-1]
+    return data[: last.offset_data + -(-last.size // 512) * 512 + 1024]
 
 
 def test_truncated_corpus_shard_keeps_the_samples_before_the_cut(tmp_path):

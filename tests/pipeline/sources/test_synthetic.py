@@ -67,15 +67,16 @@ def test_shards_read_back_as_webdataset_samples_of_image_and_mask(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def round_trip(tmp_path_factory):
-    """The synthetic set precomputed with ``featup precompute`` (tiny random backbone, JBU, labels and images stored)."""
+def round_trip(tmp_path_factory, tiny_modules):
+    """The synthetic set precomputed with ``featup precompute --in-process`` (tiny random backbone, JBU, labels and
+    images stored; the set, not Ray, is the subject)."""
     root = tmp_path_factory.mktemp("synthetic-round-trip")
     write_synthetic_shards(root / "in", SHARDS, PER_SHARD, SPEC)
     store = str(root / "jbu.zarr")
-    with helpers.local_ray(helpers.write_tiny_module(root / "mods"), root / "slow.flag"):
-        code = main(["precompute", str(root / "in" / "synthetic-{000000..000003}.tar"), "--output", store,
-                     "--backbone", helpers.TINY_BACKBONE, "--weights", "random", "--image-size", str(IMAGE_SIZE),
-                     "--kernel-backend", "eager", "--device", "cpu", "--labels", "seg.png", "--save-image"])
+    code = main(["precompute", str(root / "in" / "synthetic-{000000..000003}.tar"), "--output", store,
+                 "--backbone", helpers.TINY_BACKBONE, "--weights", "random", "--image-size", str(IMAGE_SIZE),
+                 "--kernel-backend", "eager", "--device", "cpu", "--labels", "seg.png", "--save-image", "--in-process",
+                 "--cpus-per-actor", "1"])  # one torch thread: two oversubscribe a loaded 2-core machine (10x slower)
     assert code == 0
     return root, store
 

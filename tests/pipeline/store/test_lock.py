@@ -206,3 +206,98 @@ def test_a_filesystem_without_conditional_writes_warns_and_locks_as_before(caplo
     store.heartbeat()
     store.release_lock()
     assert store.lock_holder() is None
+
+
+def _dead_pid() -> int:
+    done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True)
+    return int(done.stdout)
+
+
+def test_a_live_lock_of_another_machine_with_the_same_host_name_and_pid_namespace_is_not_taken(tmp_path):
+    """Containers share host names and the initial PID namespace has one inode on every host: only the boot id tells the
+    other machine apart. Its holder's pid is not alive here, yet its lock holds while its heartbeat is fresh."""
+    from pipeline.store.lock import lock_payload
+
+    store = _create(str(tmp_path / "store.zarr"), None)
+    here = lock_payload("run-here")
+    assert here["boot_id"] and here["pid_namespace"]  # this machine has an identity to compare
+    other = {**lock_payload("run-other-machine"), "pid": _dead_pid(), "boot_id": "0b5e55ed-0000-4000-8000-000000000000"}
+    assert (other["host"], other["pid_namespace"]) == (here["host"], here["pid_namespace"])
+    for lock in (other, {k: v for k, v in other.items() if k != "boot_id"}):  # another machine; a lock without a boot id
+        store.fs.pipe_file(store._path("lock.json"), json.dumps(lock).encode())
+        with pytest.raises(StoreLockedError, match=r"got run run-other-machine \(host .*, pid \d+, last heartbeat 0 s ago\)"):
+            store.acquire_lock("run-here")
+    same_machine = {**other, "boot_id": here["boot_id"]}  # the same lock written here: its process is seen gone
+    store.fs.pipe_file(store._path("lock.json"), json.dumps(same_machine).encode())
+    assert "on this host is gone" in store.acquire_lock("run-here")["stale_reason"]
+    _age_heartbeat(store, 1000)
+    other_stale = {**other, "heartbeat": time.time() - 1000}  # the other machine's lock once its heartbeat is old
+    store.fs.pipe_file(store._path("lock.json"), json.dumps(other_stale).encode())
+    assert store.acquire_lock("run-here")["stale_reason"] == "no heartbeat for 1000 s"
+    store.release_lock()
+
+
+def _fault_proxy(s3_server):
+    from tests.helpers.faultproxy import FaultProxy
+
+    host, port = s3_server.endpoint_url.removeprefix("http://").split(":")
+    return FaultProxy(host, int(port))
+
+
+def _through(s3_server, proxy) -> dict:
+    return {**s3_server.storage_options, "client_kwargs": {"endpoint_url": proxy.url},
+            "config_kwargs": {"retries": {"max_attempts": 1}, "connect_timeout": 2, "read_timeout": 5}}
+
+
+def test_a_409_on_a_conditional_put_is_a_lost_race_retried_within_the_budget_then_refused(s3_server):
+    """AWS answers a conditional write that races another with 409 ConditionalRequestConflict (s3fs: OSError EIO)."""
+    url = s3_server.url("conflict")
+    direct = _create(url, s3_server.storage_options)
+    retry = RetryPolicy(budget_s=2, first_wait_s=0.05, max_wait_s=0.2)
+    with _fault_proxy(s3_server) as proxy:
+        store = FeatureStore.open(url, _through(s3_server, proxy), retry=retry)
+        store.acquire_lock("run-a")  # the endpoint's conditional writes are checked once, here
+        store.release_lock()
+        proxy.reset_counters()
+        proxy.conflict(2)
+        assert store.acquire_lock("run-a") is None and proxy.injected == 2  # two 409s waited out, then created
+        proxy.conflict(1)
+        store.heartbeat()  # renewed through a 409
+        store.release_lock()
+        assert direct.lock_holder() is None and proxy.injected == 3
+
+        proxy.conflict(10**6)  # every conditional PUT conflicts; meanwhile another job's write lands
+        threading.Timer(0.2, direct.acquire_lock, args=("run-winner",)).start()
+        with pytest.raises(StoreLockedError, match=r"expected no other job writing to it, got run run-winner \("):
+            store.acquire_lock("run-loser")  # judged as after a 412: the lock that landed is live
+        direct.release_lock()
+        start = time.monotonic()
+        with pytest.raises(StoreLockedError, match=r"expected to take the lock, got it changed by other jobs 8 times in a "
+                                                   r"row \(the storage answered 409 ConditionalRequestConflict \d+ times\)"):
+            store.acquire_lock("run-loser")  # nobody wins: refused once the budget is spent, never an OSError
+        assert 2.0 <= time.monotonic() - start < 10
+        assert direct.lock_holder() is None
+
+
+def test_an_endpoint_that_ignores_if_none_match_is_found_once_and_locks_fall_back_to_reading_back(s3_server, caplog):
+    """The endpoint answers 200 to a conditional create over an existing key: found by one probe per process with a
+    one-line warning; four jobs asking at once still get one lock, by writing, waiting and reading back."""
+    url = s3_server.url("ignores")
+    direct = _create(url, s3_server.storage_options)
+    with _fault_proxy(s3_server) as proxy:
+        proxy.strip_if_none_match = True
+        stores = [FeatureStore.open(url, _through(s3_server, proxy)) for _ in range(4)]
+        with caplog.at_level(logging.WARNING, logger="pipeline.store.lock"):
+            results = _race(stores, [f"run-{i}" for i in range(4)])
+            winners = [r for r, outcome in results.items() if outcome == "won"]
+            assert len(winners) == 1 and direct.lock_holder() == winners[0], results
+            assert all(f"got run {winners[0]} (" in results[r] for r in results if r not in winners)
+            second = _create(s3_server.url("ignores-too"), _through(s3_server, proxy))  # same endpoint: no new probe
+        warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+        assert len(warnings) == 1 and "\n" not in warnings[0], warnings
+        assert f"S3 endpoint {proxy.url}, bucket {s3_server.bucket}: expected a conditional create over an existing " \
+               "object to be refused, got it accepted (If-None-Match is ignored)" in warnings[0]
+        holder = stores[int(winners[0].split("-")[1])]
+        holder.heartbeat()
+        holder.release_lock()
+        assert direct.lock_holder() is None and second.lock_holder() is None
