@@ -1,4 +1,4 @@
-"""``featup materialize``: a compact store's features, upsampled by its stored upsampler, written into a full store.
+"""``featup materialize``: a finished compact store's features, upsampled by its stored upsampler, written into a full store.
 
 The job is ``featup precompute``'s own machinery with another actor: the plan lists the compact store's committed
 shards (same rows, same index), the driver, lock, queue, retries and report are precompute's, and each
@@ -66,10 +66,10 @@ def make_materialize_plan(config: PrecomputeConfig, command_line: Sequence[str] 
         rows = table["row"].to_pylist()
         shards.append(ShardInfo(table["shard"][0].as_py(), index, len(rows), tuple(table["key"].to_pylist())))
         offsets.append(min(rows))
-    pending = source.attrs.get("num_shards", len(shards)) - len(shards)
-    if pending:
-        print(f"featup: materialize: {pending} shard(s) of {config.materialize_from} are not committed yet and are left out "
-              "(finish its precompute, then rerun materialize to add them)", file=sys.stderr)
+    total = source.attrs.get("num_shards", len(shards))
+    if len(shards) != total or [s.index for s in shards] != list(range(total)):
+        raise ConfigError(f"{config.materialize_from}: expected a finished compact store (every shard committed), got "
+                          f"{len(shards)} of {total} shards committed; rerun its precompute command to finish it first")
     attrs = {k: v for k, v in source.attrs.items() if k not in COMPACT_ONLY_ATTRS}
     attrs.update(compact=None, materialized_from=config.materialize_from, command_line=list(command_line),
                  created_at=datetime.now(timezone.utc).isoformat())
@@ -99,10 +99,13 @@ def full_arrays(source: Any) -> list:
 def run_materialize(config: PrecomputeConfig, *, command_line: Sequence[str] = (), out: TextIO | None = None,
                     err: TextIO | None = None, json_output: bool = False) -> int:
     """Runs a materialize job (resumable like precompute); returns the process exit code."""
-    from pipeline.precompute.driver import _machine_cpus, run_plan
+    from pipeline.precompute.driver import _machine_cpus, check_local_devices, run_plan
+    from pipeline.runtime.preflight import check_output
 
     out, err = out or sys.stdout, err or sys.stderr
-    config = config.with_machine_resources(_machine_cpus())
+    check_local_devices(config)
+    check_output(config.output_location, config.retry)  # one line if the output cannot be written, before Ray starts
+    config = config.with_machine_resources(_machine_cpus(config))
     plan = make_materialize_plan(config, command_line)
     return run_plan(plan, out=out, err=err, json_output=json_output, worker=MaterializeWorker)
 
@@ -145,6 +148,12 @@ class MaterializeWorker:
 
     def progress(self) -> float:
         return float(self._done_in_shard)
+
+    def status(self) -> tuple[float, bool]:
+        """(``progress()``, whether kernels are being compiled in the background), as precompute's actors answer."""
+        from featup.ops.compiled import compiling
+
+        return self.progress(), compiling()
 
     def store(self):
         """The full store, opened on first use inside this process."""

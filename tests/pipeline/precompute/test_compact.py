@@ -7,7 +7,6 @@ Compared row by row through the reader: whole maps, crops, channel subsets, PCA 
 
 import io
 import shutil
-import sys
 import warnings
 
 import numpy as np
@@ -27,15 +26,10 @@ TOLERANCE = 1e-4  # max abs difference, float32 stores
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    """The tiny backbone importable here, two shards of two samples, and a cache of store pairs."""
+def env(tmp_path_factory, tiny_modules):
+    """Two shards of two samples (the tiny backbone importable here), and a cache of store pairs."""
     root = tmp_path_factory.mktemp("compact")
-    modules = str(helpers.write_tiny_module(root / "mods"))
-    sys.path.insert(0, modules)
-    try:
-        yield {"root": root, "shards": corpus.make_good_shards(root / "in", n_shards=2, per_shard=2), "pairs": {}}
-    finally:
-        sys.path.remove(modules)
+    return {"root": root, "shards": corpus.make_good_shards(root / "in", n_shards=2, per_shard=2), "pairs": {}}
 
 
 def _configs(env, name, **settings):
@@ -194,6 +188,11 @@ def test_materialize_writes_the_full_store_of_the_same_command(env, tmp_path):
     finally:
         store.release_lock()
     helpers.assert_materialized(full_config.output, config.output, TOLERANCE)
+    unfinished = tmp_path / "unfinished.zarr"  # a compact job that stopped before its last shard
+    shutil.copytree(compact_config.output, unfinished)
+    (unfinished / "_featup" / "commits" / "shard-000001.json").unlink()
+    with pytest.raises(ConfigError, match="expected a finished compact store .* got 1 of 2 shards committed"):
+        make_materialize_plan(materialize_config(str(unfinished), str(tmp_path / "never.zarr")))
 
 
 def test_probe_show_and_inspect_on_a_compact_store(env, one_torch_thread):

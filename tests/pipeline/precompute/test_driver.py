@@ -305,7 +305,7 @@ def test_a_resume_with_another_encoding_is_refused_naming_it(env, tmp_path):
         run_precompute(_config(env["shards"][:1], config.output), out=io.StringIO(), err=io.StringIO())
 
 
-def test_materialize_after_a_killed_actor_equals_the_full_store_of_the_same_command(env, tmp_path):
+def test_materialize_after_a_killed_actor_equals_the_full_store_of_the_same_command(env, ray_env, tmp_path):
     """One Ray run of featup materialize (2 actors, one killed mid-shard): the full store precompute writes, within 1e-4."""
     from pipeline.precompute.materialize import materialize_config, run_materialize
 
