@@ -31,7 +31,7 @@ from pipeline.precompute.worker import ShardResult, ShardTask, _count
 from pipeline.precompute.writes import RowWriter, cpu_actor_write_threads
 from pipeline.store.compact import CompactSource
 
-COMPACT_ONLY_ATTRS = ("upsampler_sha256", "upsampler_record")
+COMPACT_ONLY_ATTRS = ("upsampler_sha256", "upsampler_record", "features")  # features: the note of earlier versions
 
 
 def materialize_config(url: str, output: str, *, storage_options: dict | None = None, **settings: Any) -> PrecomputeConfig:
@@ -49,6 +49,7 @@ def materialize_config(url: str, output: str, *, storage_options: dict | None = 
     command = {name: attrs[name] for name in FINGERPRINT_FIELDS if name in attrs and name != "compact"}
     size = command.get("output_size")  # the attributes hold the resolved (H, W)
     command["output_size"] = None if command.get("scale") is not None or size is None else int(size[0])
+    settings.setdefault("max_errors", None)  # the failed rows were the compact job's to judge: they are copied, not redone
     return PrecomputeConfig(inputs=(url,), output=output, **command, compact=False, materialize_from=url,
                             storage_options=options, **settings)
 
