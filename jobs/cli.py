@@ -17,6 +17,7 @@ from featup.errors import FeatUpError
 SUBCOMMANDS: dict[str, str] = {
     "upsample": "jobs.upsample",
     "precompute": "jobs.precompute",
+    "materialize": "jobs.materialize",
     "demo": "jobs.demo",
     "inspect": "jobs.inspect",
     "show": "jobs.show",

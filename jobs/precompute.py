@@ -43,6 +43,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="int8: per sample and channel 8-bit affine feature codes (~4x smaller, <1%% error; readers decode)")
     store.add_argument("--keep-bits", type=int, default=None, metavar="N",
                        help="keep N (1-10) float16 mantissa bits before the codec (lossy; not with --quantize)")
+    store.add_argument("--compact", action="store_true",
+                       help="store the upsampler's input (low-res features, guidance image) and the upsampler instead of the "
+                            "features (~70x fewer bytes); readers upsample where they read, `featup materialize` writes the full store")
     store.add_argument("--tile", type=positive_int, default=64,
                        help="side of the spatial tiles inside each sample's shard, so crops read only theirs (default 64)")
     res = parser.add_argument_group("resources")
@@ -126,7 +129,7 @@ def build_config(args: argparse.Namespace):
         in_process=args.in_process,
         **({} if args.max_errors is None else {"max_errors": parse_max_errors(args.max_errors)}),
         io_retry_seconds=args.io_retry_seconds,
-        codec=args.codec, quantize=args.quantize, keep_bits=args.keep_bits, tile=args.tile,
+        codec=args.codec, quantize=args.quantize, keep_bits=args.keep_bits, tile=args.tile, compact=args.compact,
         max_pixels=args.max_pixels,
         overwrite=args.overwrite,
         dry_run=args.dry_run,

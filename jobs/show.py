@@ -41,7 +41,10 @@ def run(args: argparse.Namespace) -> int:
     from pipeline.store.reader import open_features
     from pipeline.analysis.pictures import save_panel
 
-    reader = open_features(args.url, **parse_storage_options(args.storage_option))
+    # A few samples: eager JBU kernels for a compact store (compiling them would take longer than drawing).
+    reader = open_features(args.url, kernel_backend="eager", **parse_storage_options(args.storage_option))
+    if reader.compact is not None:  # a compact store's low-res input is read only when asked for
+        reader = reader.select(arrays=[*reader.array_names, "lowres"])
     positions = parse_rows(args.rows, len(reader))
     extra = load_extra(args, reader)
     save_panel(render_rows(reader, positions, extra), args.out)

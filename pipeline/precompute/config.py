@@ -43,6 +43,7 @@ FINGERPRINT_FIELDS = (
     "codec",
     "quantize",
     "keep_bits",
+    "compact",
 )
 
 
@@ -84,6 +85,8 @@ class PrecomputeConfig:
     quantize: str | None = None  # "int8": per sample and channel affine 8-bit feature codes (lossy, ~4x smaller)
     keep_bits: int | None = None  # float16 mantissa bits kept (1..10) before the lossless codec (lossy)
     tile: int | None = 64  # side of the spatial inner chunks of each sample's shard (crops read only their tiles)
+    compact: bool = False  # store the upsampler's input (lowres + image) and the upsampler, not the features
+    materialize_from: str | None = None  # featup materialize: the compact store whose features this job computes
     max_pixels: int = 64_000_000
     overwrite: bool = False
     dry_run: bool = False
@@ -107,6 +110,7 @@ class PrecomputeConfig:
         object.__setattr__(self, "checkpoint_location", checkpoint)
         _check_model(self)
         _check_codec(self)
+        _check_compact(self)
         _check_resources(self)
         _check_errors(self)
 
@@ -138,6 +142,7 @@ class PrecomputeConfig:
     def store_fingerprint(self) -> dict[str, Any]:
         """The settings that define the store's content (JSON-ready); a resumed run must match every one."""
         values = asdict(self)
+        values["compact"] = True if self.compact else None  # None when unused, as in stores made before it existed
         return {name: list(values[name]) if isinstance(values[name], tuple) else values[name] for name in FINGERPRINT_FIELDS}
 
     def error_limit(self, total_samples: int) -> int | None:
@@ -216,6 +221,21 @@ def _check_codec(c: PrecomputeConfig) -> None:
     if c.keep_bits is not None and c.storage_dtype != "float16":
         raise ConfigError(f"--keep-bits: expected --dtype float16 (it rounds float16 mantissas), got --dtype {c.dtype}")
     codec.check_features_dtype(c.storage_dtype)
+
+
+def _check_compact(c: PrecomputeConfig) -> None:
+    """--compact keeps the upsampler's input losslessly and the one upsampler that turns it into the features."""
+    if not c.compact:
+        return
+    if c.upsampler == "implicit":
+        raise ConfigError("--compact: expected an upsampler shared by every image (jbu, bilinear), got --upsampler "
+                          "implicit: it fits a network to each image, so there is no one upsampler to store with the inputs")
+    lossy = [flag for flag, value in (("--quantize", c.quantize), ("--keep-bits", c.keep_bits)) if value is not None]
+    if lossy:
+        raise ConfigError(f"--compact: expected no lossy option (it stores the upsampler's input exactly), got {' and '.join(lossy)}")
+    if c.save_lowres:
+        raise ConfigError("--save-lowres: expected it left out with --compact, got both: a compact store's lowres array "
+                          "holds the upsampler's input already")
 
 
 def _check_implicit(c: PrecomputeConfig) -> None:

@@ -22,11 +22,14 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from typing import Iterator, Sequence, TextIO
 
+from featup.errors import ConfigError
 from pipeline.runtime.retry import TransientIOError
 from pipeline.precompute.pool import ActorPool, actor_resources
 from pipeline.precompute.slots import ShardLost, Slot, SlotPool
 from pipeline.precompute.config import PrecomputeConfig
 from pipeline.precompute.extract import Projection
+from pipeline.precompute.compact import compact_attrs, compact_notes, ensure_upsampler, stored_upsampler
+from pipeline.store.compact import UPSAMPLER_NODE, write_upsampler
 from pipeline.precompute.inputs import check_inputs, write_inputs
 from pipeline.precompute.repair import committed_to_skip, redo_lost_rows
 from pipeline.precompute.plan import COMPAT_KEYS, Plan, plan_keys, estimate_bytes, fit_projection, format_plan, make_plan
@@ -63,13 +66,20 @@ def run_precompute(
         from pipeline.precompute.plan import implicit_notice
 
         print(implicit_notice(plan), file=err)
+    return run_plan(plan, out=out, err=err, json_output=json_output)
+
+
+def run_plan(plan: Plan, *, out: TextIO, err: TextIO, json_output: bool = False, worker: type | None = None) -> int:
+    """Opens or resumes the plan's store under a lock, computes its uncommitted shards on actors of ``worker`` (default:
+    precompute's), writes the report and prints the summary; returns the process exit code."""
+    config = plan.config
     run_id = uuid.uuid4().hex
     store, committed, projection, clean = open_store(plan, run_id, err)
     try:
         with LockHeartbeat(store) as heartbeat:
             committed, redone = redo_lost_rows(store, plan, committed, err)
             driver = Driver(plan, store, committed, projection, clean=clean, run_id=run_id, err=err, heartbeat=heartbeat,
-                            redone=redone)
+                            redone=redone, worker=worker)
             with ray_session(config.address, _local_cpus(config)) if driver.queue and not config.in_process else nullcontext():
                 report = driver.run()
             _write_report(store, report, err)
@@ -131,14 +141,19 @@ def open_store(plan: Plan, run_id: str, err: TextIO):
         if not c.overwrite and FeatureStore.exists(c.output, options, retry=c.retry):
             return _resume_store(plan, FeatureStore.open(c.output, options, retry=c.retry, lock=lock), err)
         with LockHeartbeat(lock) as heartbeat:  # fitting the PCA may take longer than the lock's window
-            projection = fit_projection(plan) if c.channels else None
+            projection = plan.projection if plan.projection is not None else (fit_projection(plan) if c.channels else None)
         if heartbeat.error is not None:
             raise heartbeat.error
-        attrs = {**plan.attrs, "pca": projection.to_attrs() if projection else None}
+        upsampler = stored_upsampler(plan.extractor, projection) if c.compact else None
+        attrs = {**plan.attrs, "pca": projection.to_attrs() if projection else None,
+                 **(compact_attrs(upsampler[0]) if upsampler else {})}
         store = FeatureStore.create(
             c.output, num_rows=plan.num_rows, arrays=plan.arrays, attrs=attrs, storage_options=options,
             overwrite=c.overwrite, keys=plan_keys(plan), retry=c.retry, codec=c.storage_codec, lock=lock,
+            side_nodes=(UPSAMPLER_NODE,) if upsampler else (), notes=compact_notes() if upsampler else None,
         )
+        if upsampler is not None:  # before any row, under the lock: a compact store never has rows without its upsampler
+            write_upsampler(store, *upsampler)
         write_inputs(store, plan.shards)  # the shards' content identities, to refuse a resume against changed ones
     except BaseException:
         try:
@@ -150,7 +165,8 @@ def open_store(plan: Plan, run_id: str, err: TextIO):
 
 
 def _resume_store(plan: Plan, store, err: TextIO):
-    """(store, committed shards, projection, clean) of an existing store this run may resume (settings compared)."""
+    """(store, committed shards, projection, clean) of an existing store this run may resume (settings compared; a
+    compact store's upsampler checked, and written if the creating run stopped before it)."""
     from pipeline.store.features import check_compatible
 
     c = plan.config
@@ -158,6 +174,8 @@ def _resume_store(plan: Plan, store, err: TextIO):
     check_compatible(store.attrs, plan.attrs, COMPAT_KEYS)
     committed = store.committed_shards() & {s.index for s in plan.shards}
     projection = Projection.from_attrs(store.attrs["pca"]) if c.channels else None
+    if c.compact:
+        ensure_upsampler(store, stored_upsampler(plan.extractor, projection))
     print(
         f"featup: resuming {c.output}: {len(committed)} of {len(plan.shards)} shards already committed and skipped, "
         f"{len(plan.shards) - len(committed)} to compute",
@@ -201,10 +219,10 @@ class Driver:
 
     def __init__(
         self, plan: Plan, store, committed: set[int], projection: Projection | None, *, clean: bool, run_id: str, err: TextIO,
-        heartbeat: LockHeartbeat | None = None, redone: Sequence[str] = (),
+        heartbeat: LockHeartbeat | None = None, redone: Sequence[str] = (), worker: type | None = None,
     ) -> None:
         self.plan, self.store, self.projection, self.run_id, self.err = plan, store, projection, run_id, err
-        self.heartbeat = heartbeat
+        self.heartbeat, self.worker = heartbeat, worker
         config = plan.config
         self.queue = deque(
             ShardTask(shard, offset, clean=clean, duplicates=plan.duplicates.get(shard.index, {}))
@@ -242,9 +260,12 @@ class Driver:
         if config.in_process:
             from pipeline.precompute.local import LocalPool
 
+            if self.worker is not None:  # materialize's actors read compact rows; LocalPool builds precompute's worker
+                raise ConfigError(f"in-process mode: expected precompute's worker, got {self.worker.__name__}, which runs "
+                                  "on Ray actors only (run it without in-process mode)")
             return LocalPool(config, projection=self.projection, run_id=self.run_id)
         return ActorPool(config, actor_resources(config), projection=self.projection, run_id=self.run_id, prefix=ACTOR_PREFIX,
-                         err=self.err)
+                         err=self.err, worker=self.worker)
 
     def _loop(self, pool: SlotPool) -> None:
         """Hands queued shards to ready idle workers, collects results, and keeps the pool sized to the work left."""

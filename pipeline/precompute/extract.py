@@ -80,6 +80,10 @@ class FeatureExtractor:
             raise ConfigError(f"projection: expected a (channels, dim) = {expected} matrix, got {projection.weight.shape}")
         self.projection = projection
         self._weight, self._bias = _projection_tensors(projection, self.device, self.dtype)
+        if config.compact:
+            from pipeline.precompute.compact import check_compact_model
+
+            check_compact_model(self)
 
     @property
     def stride(self) -> int:
@@ -109,6 +113,8 @@ class FeatureExtractor:
 
     def array_shapes(self) -> dict[str, tuple[tuple[int, ...], str]]:
         """Per-row shape and numpy dtype of each array ``__call__`` returns (codes, scale and offset when quantized)."""
+        if self.config.compact:  # the upsampler's input only (the features are upsampled where they are read)
+            return {"lowres": ((self.channels, *self.lowres_size), self.config.storage_dtype)}
         maps = {"features": (self.channels, *self.output_size)}
         if self.config.save_lowres:
             maps["lowres"] = (self.channels, *self.lowres_size)
@@ -158,9 +164,14 @@ class FeatureExtractor:
 
     @torch.inference_mode()
     def __call__(self, images: torch.Tensor) -> dict[str, np.ndarray]:
-        """(B, 3, S, S) normalised images -> {"features": (B, K, H, W)[, "lowres": (B, K, h, w)]} in the storage dtype."""
+        """(B, 3, S, S) normalised images -> {"features": (B, K, H, W)[, "lowres": (B, K, h, w)]} in the storage dtype;
+        compact: {"lowres": (B, K, h, w)}, the upsampler's input (``pipeline.precompute.compact``)."""
         x = images.to(self.device, non_blocking=True)  # (B, 3, S, S)
         lr = self.backbone(x)  # (B, C, h, w)
+        if self.config.compact:
+            from pipeline.precompute.compact import compact_input
+
+            return self._to_storage("lowres", compact_input(self, lr))
         out = {"features": self._upsample(lr, x)}  # (B, K, H, W)
         if self.config.save_lowres:
             out["lowres"] = self._project_lowres(lr)  # (B, K, h, w)

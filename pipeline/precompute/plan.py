@@ -48,6 +48,9 @@ class Plan:
     # shard index -> {position in the shard: reason} for the second and later occurrences of a key
     duplicates: dict[int, dict[int, str]] = field(default_factory=dict)
     encode_rate: float | None = None  # MB/s of raw arrays one core encodes (measured by estimate_bytes)
+    projection: Projection | None = None  # a --channels projection known before the run (materialize: the source's)
+    rows: int | None = None  # rows of the store when the shards do not cover them all (materialize: committed ones only)
+    row_keys: list[str] | None = None  # the key of every row in that case
 
     @property
     def num_duplicates(self) -> int:
@@ -55,6 +58,8 @@ class Plan:
 
     @property
     def num_rows(self) -> int:
+        if self.rows is not None:
+            return self.rows
         return self.offsets[-1] + self.shards[-1].num_samples if self.shards else 0
 
 
@@ -78,6 +83,8 @@ def make_plan(config: PrecomputeConfig, command_line: Sequence[str] = ()) -> Pla
 
 def plan_keys(plan: Plan) -> list[str]:
     """Every row's sample key in row order (a broken shard's placeholder row has the empty key)."""
+    if plan.row_keys is not None:
+        return list(plan.row_keys)
     return [key for shard in plan.shards for key in shard.keys]
 
 
@@ -160,7 +167,7 @@ def decode_spec(config: PrecomputeConfig, extractor: FeatureExtractor):
         image_key=config.image_key,
         labels=tuple(config.labels),
         max_pixels=config.max_pixels,
-        keep_image=config.save_image,
+        keep_image=config.save_image or config.compact,
     )
 
 
@@ -193,7 +200,7 @@ def array_specs(plan: Plan, labels: dict[str, tuple[tuple[int, ...], str]]) -> l
         else:  # f"{name}_scale" / f"{name}_offset": (C,) float32 per row
             specs.append(ArraySpec(name, shape, dtype, ("channel",)))
     s = plan.config.image_size
-    if plan.config.save_image:
+    if plan.config.save_image or plan.config.compact:  # compact: the guidance image, stored losslessly
         specs.append(ArraySpec("image", (s, s, 3), "uint8", ("image_y", "image_x", "rgb"), spatial_axes=(0, 1)))
     for name, (shape, dtype) in labels.items():
         extra = tuple(f"{name.replace('.', '_')}_{i}" for i in range(2, len(shape)))
@@ -271,7 +278,7 @@ def estimate_bytes(plan: Plan) -> dict[str, tuple[int, float | None]]:
     if found:
         with _quick_implicit(plan.extractor):  # an implicit fit's compression, measured on a short fit
             measured = plan.extractor(found[0].image.unsqueeze(0))
-        if plan.config.save_image:
+        if plan.config.save_image or plan.config.compact:
             measured["image"] = found[0].image_uint8[None]
         measured.update({name: value[None] for name, value in found[0].labels.items()})
     out, encoded_bytes, encode_s = {}, 0, 0.0
@@ -332,7 +339,8 @@ def format_plan(plan: Plan, estimate: dict[str, tuple[int, float | None]], commi
         f"  output: {c.output} {state}",
         f"  model: backbone {c.backbone} ({e.backbone.weights_id}, stride {e.stride}, dim {e.backbone.dim}), "
         f"upsampler {c.upsampler}{' from ' + c.checkpoint if c.checkpoint else ''}, image {c.image_size}x{c.image_size}, "
-        f"dtype {c.dtype}" + (f", PCA to {c.channels} channels" if c.channels else ""),
+        f"dtype {c.dtype}" + (f", PCA to {c.channels} channels" if c.channels else "")
+        + (", compact (lowres + image stored, features upsampled where read)" if c.compact else ""),
         f"  resources: {c.actors} actor(s), device {c.device}, batch size {c.batch_size}, "
         f"Ray {'at ' + c.address if c.address else 'started locally'}",
         "  arrays:",

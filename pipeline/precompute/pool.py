@@ -168,9 +168,10 @@ class ActorPool(SlotPool):
 
     def __init__(
         self, config: PrecomputeConfig, resources: dict[str, float], *, projection: Projection | None, run_id: str,
-        prefix: str, err: TextIO | None = None,
+        prefix: str, err: TextIO | None = None, worker: type | None = None,
     ) -> None:
         self.config, self.resources, self.projection, self.run_id, self.prefix = config, resources, projection, run_id, prefix
+        self.worker = worker or NodeWorker  # the actor class: its constructor takes (config, projection=, torch_threads=, run_id=)
         self.err = err or sys.stderr
         self.slots: list[Slot] = []
         self.started = 0
@@ -299,7 +300,7 @@ class ActorPool(SlotPool):
 
         name = f"{self.prefix}-{self.run_id[:8]}-{self.started}"
         self.started += 1
-        remote = ray.remote(NodeWorker).options(
+        remote = ray.remote(self.worker).options(
             name=name, max_concurrency=2, max_restarts=0, max_task_retries=0, **self.resources
         )
         threads = max(1, int(self.config.cpus_per_actor))

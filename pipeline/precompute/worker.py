@@ -227,7 +227,7 @@ class ShardWorker:
         images = torch.stack([s.image for s in batch.samples])  # (B, 3, S, S)
         arrays = self.extractor(images)  # name -> (B, ...)
         result.model_s += time.perf_counter() - t
-        if self.config.save_image:
+        if self.config.save_image or self.config.compact:  # a compact store's guidance image
             arrays["image"] = np.stack([s.image_uint8 for s in batch.samples])  # (B, S, S, 3)
         for name in self.config.labels:
             arrays[name] = np.stack([s.labels[name] for s in batch.samples])

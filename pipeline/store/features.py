@@ -99,11 +99,14 @@ class FeatureStore:
     def create(cls, url: str, *, num_rows: int, arrays: Sequence[ArraySpec], attrs: dict,
                storage_options: dict | None = None, overwrite: bool = False, keys: Sequence[str] | None = None,
                retry: RetryPolicy | None = None, codec: StorageCodec | None = None,
+               side_nodes: tuple[str, ...] = (), notes: dict[str, str] | None = None,
                lock: StoreLock | None = None) -> FeatureStore:
         """Creates a new store (``overwrite`` first deletes an existing FeatUp store there) with empty, zero-filled arrays
         and the sample key of every row (``keys``; duplicates allowed, "" where unknown) as the ``sample`` coordinate.
 
-        ``codec`` encodes the arrays (default: zstd level 1, one chunk per row, as stores were before codecs).
+        ``codec`` encodes the arrays (default: zstd level 1, one chunk per row, as stores were before codecs);
+        ``side_nodes`` names optional side-file folders (``upsampler``: a compact store's upsampler); ``notes`` are
+        top-level group attributes for plain Zarr and xarray users (a compact store's ``features``: how to get them).
         Everything is written, and ``overwrite`` deletes, under the store's lock: of jobs creating one store at the same
         moment exactly one does, the others get StoreLockedError (or, once it is made, the error of an existing store)
         and write nothing. ``lock``: the lock the caller holds (``lock_output``), kept by the new store; without one,
@@ -122,13 +125,13 @@ class FeatureStore:
             raise ConfigError(f"store {url}: expected the held lock of this location (FeatureStore.lock_output), "
                               f"got {'a released lock' if not lock.held else 'the lock at ' + lock.path}")
         group_attrs = {"featup": attrs, "featup_store": {"format": STORE_FORMAT, "num_rows": num_rows, "arrays": list(layouts),
-                                                         "keys": KEYS_ARRAY, "side_files": SIDE_GROUP}}
+                                                         "keys": KEYS_ARRAY, "side_files": SIDE_GROUP}, **(notes or {})}
         codec = codec if codec is not None else LEGACY_CODEC
         try:
             meta = writable_location(url, fs, root, retry, overwrite=overwrite, resume=False)  # again, now under the lock
             clear_location(url, fs, root, meta, retry)
             group = store_call(retry, "create the store at", url, _create_group, url, fs, root, storage_options, group_attrs,
-                               layouts, key_values, codec)
+                               layouts, key_values, codec, tuple(side_nodes))
         finally:
             if own:
                 lock.release()
@@ -292,6 +295,32 @@ class FeatureStore:
                 raise data
         return contents
 
+    def read_shard_index(self, shard_index: int) -> pa.Table:
+        """The index rows of one committed shard (an InputError when it is not committed)."""
+        if shard_index not in self.committed_shards():
+            raise InputError(f"store {self.url}: expected shard {shard_index} to be committed, got no commit marker for it")
+        path = self._path(self.layout.index_name(shard_index))
+        data = self._call("read the index file of", path, self.fs.cat_file, path, writing=False)
+        return check_index_table(pq.read_table(pa.BufferReader(data)), self.num_rows)
+
+    def write_side_file(self, name: str, data: bytes) -> None:
+        """Writes the side file ``name`` (``upsampler/upsampler.json``...) atomically under ``_featup/``."""
+        self._require_writable()
+        path = self._path(name)
+        self._call("write", path, put_atomic, self.fs, path, data)
+
+    def read_side_file(self, name: str) -> bytes | None:
+        """The bytes of the side file ``name``, or None when there is none."""
+        path = self._path(name)
+
+        def read() -> bytes | None:
+            try:
+                return self.fs.cat_file(path)
+            except FileNotFoundError:
+                return None
+
+        return self._call("read", path, read, writing=False)
+
     @property
     def report_url(self) -> str:
         """Where the run report is (``_featup/run/report.json`` under the store's root; ``report.json`` in format 1)."""
@@ -440,7 +469,7 @@ def _check_keys(keys: Sequence[str] | None, num_rows: int) -> np.ndarray:
 
 
 def _create_group(url: str, fs: fsspec.AbstractFileSystem, root: str, storage_options: dict | None, attrs: dict,
-                  layouts: dict, keys: np.ndarray, codec: StorageCodec) -> zarr.Group:
+                  layouts: dict, keys: np.ndarray, codec: StorageCodec, side_nodes: tuple[str, ...] = ()) -> zarr.Group:
     """The new group with its arrays, the ``sample`` key coordinate and the side-file sub-group, written under this job's
     lock. The root group's attributes (``featup_store``) come last: the store exists for ``exists`` and ``open`` only
     once whole. Safe to run again after a fault: each try first deletes what an earlier one left (all but the lock)."""
@@ -457,7 +486,7 @@ def _create_group(url: str, fs: fsspec.AbstractFileSystem, root: str, storage_op
                                     dimension_names=(ROW_DIM,), fill_value="")
     if len(keys):
         coordinate[:] = keys
-    create_side_group(group)
+    create_side_group(group, side_nodes)
     group.attrs.put(attrs)
     return group
 

@@ -8,6 +8,7 @@ whose prefixes hold the plain files::
     _featup/index/shard-000003.parquet      index rows of shard 3 (written first)
     _featup/commits/shard-000003.json       commit marker of shard 3 (written last)
     _featup/run/report.json, lock.json      the run report and the lock of the run writing the store
+    _featup/upsampler/upsampler.json, ...   a compact store's upsampler (pipeline.store.compact; compact stores only)
 
 Why arrays: zarr lists the members of every group (``group.members()``, xarray's ``open_datatree``) and warns about
 each key that is not a Zarr node, but it never lists inside an array's prefix; an empty array has no chunks, so the
@@ -31,6 +32,10 @@ _SIDE_NODES = {
     "commits": "the commit marker of every committed shard, written after its index file (commits/shard-NNNNNN.json)",
     "run": "the run report (report.json) and the lock of the run writing the store (lock.json)",
 }
+# Side nodes only some stores have: a compact store's upsampler (pipeline.store.compact).
+_OPTIONAL_NODES = {
+    "upsampler": "a compact store's upsampler: its record (upsampler.json) and parameters (state.safetensors)",
+}
 _FILE_DIM = "featup_file"
 
 
@@ -46,7 +51,7 @@ class Layout:
         """Where the side file known as ``name`` in format 1 (``lock.json``, ``index/shard-...``, ``commits``) lives."""
         if name in ("report.json", "lock.json"):
             return f"{self.run}{name}"
-        if name.split("/", 1)[0] in ("index", "commits"):
+        if name.split("/", 1)[0] in ("index", "commits", *_OPTIONAL_NODES):
             return f"{self.side}{name}"
         return name
 
@@ -68,15 +73,20 @@ def layout_for(store_format: object, url: str) -> Layout:
     return LAYOUTS[store_format]
 
 
-def create_side_group(group: zarr.Group) -> None:
-    """The ``_featup`` sub-group and its three empty arrays, whose prefixes hold the side files (format 2).
+def create_side_group(group: zarr.Group, optional: tuple[str, ...] = ()) -> None:
+    """The ``_featup`` sub-group and its empty arrays (three, and the ``optional`` ones, e.g. ``upsampler``), whose
+    prefixes hold the side files (format 2).
 
     Never with zarr's ``overwrite``: it deletes a node's whole prefix, and ``run/`` holds the lock of the job creating it."""
+    unknown = [name for name in optional if name not in _OPTIONAL_NODES]
+    if unknown:
+        raise InputError(f"side nodes: expected names among {list(_OPTIONAL_NODES)}, got {unknown}")
+    nodes = {**_SIDE_NODES, **{name: _OPTIONAL_NODES[name] for name in optional}}
     side = group.create_group(SIDE_GROUP, attributes={
         "description": "FeatUp pipeline bookkeeping: the plain files under these empty arrays are not Zarr data",
-        "files": _SIDE_NODES,
+        "files": nodes,
     })
-    for name, holds in _SIDE_NODES.items():
+    for name, holds in nodes.items():
         side.create_array(name, shape=(0,), chunks=(1,), dtype="uint8", dimension_names=(_FILE_DIM,), fill_value=0,
                           attributes={"holds": holds})
 

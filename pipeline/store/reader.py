@@ -5,6 +5,11 @@
 (3, S, S), labels as stored, e.g. ``seg.png`` (S, S)). Failed rows, and rows of uncommitted shards, are never served;
 a served row whose stored object is missing raises ``LostRowError`` naming the store, array and row (never zeros).
 
+A compact store (``featup precompute --compact``) serves the same ``features``, upsampled where they are read by the
+upsampler stored with it, from the low-res window a crop needs and for the channels asked for only
+(``pipeline.store.compact``); ``torch_dataset(upsample=False)`` yields those windows instead, for ``reader.upsampler()``
+to upsample batches on a training device.
+
 The reader holds no open store across a fork or a pickle: the store is (re)opened lazily in the process that reads,
 since zarr's event-loop thread and s3fs sessions do not survive a fork of a process that already used them.
 """
@@ -24,6 +29,7 @@ import torch
 from featup.errors import ConfigError
 from pipeline.runtime.retry import RetryPolicy
 from pipeline.store.access import retry_policy, store_call
+from pipeline.store.compact import KERNEL_BACKEND, CompactSource, StoredUpsampler, is_compact
 from pipeline.store.features import FeatureStore
 from pipeline.store.integrity import MissingObjectError, lost_row_error
 from pipeline.store.quantize import QUANTIZATION, dequantize_int8_numpy
@@ -43,17 +49,19 @@ class ReadOptions:
     seed: int = 0  # seeds the crop generator of single-process reading (DataLoader workers use their own seed)
 
 
-def open_features(url: str, *, retry: RetryPolicy | None = None, **storage_options: Any) -> FeatureReader:
+def open_features(url: str, *, retry: RetryPolicy | None = None, kernel_backend: str = KERNEL_BACKEND,
+                  **storage_options: Any) -> FeatureReader:
     """Opens the feature store at ``url`` (local path or fsspec URL) for reading; ``storage_options`` go to fsspec, and
-    transient faults are retried within ``retry`` (default: a budget of 120 s)."""
-    return FeatureReader(url, storage_options, retry=retry)
+    transient faults are retried within ``retry`` (default: a budget of 120 s). ``kernel_backend`` runs a compact
+    store's JBU kernels: ``auto`` (torch.compile, a few seconds once per process), ``eager`` or ``compiled``."""
+    return FeatureReader(url, storage_options, retry=retry, kernel_backend=kernel_backend)
 
 
 class FeatureReader:
     """The valid samples of a feature store, by position: ``reader[i]`` is the i-th valid row in row order."""
 
     def __init__(self, url: str, storage_options: dict | None = None, options: ReadOptions = ReadOptions(),
-                 retry: RetryPolicy | None = None) -> None:
+                 retry: RetryPolicy | None = None, kernel_backend: str = KERNEL_BACKEND) -> None:
         self.url, self.storage_options, self.retry = url, dict(storage_options or {}), retry_policy(retry)
         store = FeatureStore.open(url, self.storage_options or None, mode="r", retry=self.retry, strict=True)
         self._store, self._pid = store, os.getpid()
@@ -69,7 +77,11 @@ class FeatureReader:
         self.shapes = {name: (tuple(store.array(name).shape[1:]),
                               np.dtype(np.float32) if name in self.quantized else np.dtype(store.array(name).dtype))
                        for name in store.array_names if name not in companions}  # per-row shape and (decoded) dtype
-        self.options = _check_options(options, self.shapes)
+        self.compact: CompactSource | None = None  # a compact store's upsampler: features are computed on read
+        if is_compact(self.attrs):
+            self.compact = CompactSource.open(store, self.shapes["lowres"][0][0], kernel_backend)
+            self.shapes = {"features": (self.compact.feature_shape, np.dtype(np.float32)), **self.shapes}
+        self.options = _check_options(options, self.shapes, self._default_arrays())
 
     def select(self, *, arrays: Sequence[str] | None = None, channels: Sequence[int] | None = None,
                crop: int | Sequence[int] | None = None, seed: int = 0) -> FeatureReader:
@@ -83,14 +95,33 @@ class FeatureReader:
         chans = None if channels is None else tuple(int(c) for c in channels)
         size = None if crop is None else ((int(crop), int(crop)) if isinstance(crop, (int, np.integer)) else tuple(map(int, crop)))
         view = copy.copy(self)
-        view.options = _check_options(ReadOptions(names, chans, size, seed), self.shapes)
+        view.options = _check_options(ReadOptions(names, chans, size, seed), self.shapes, self._default_arrays())
         view._generator = None
         return view
 
     def torch_dataset(self, *, arrays: Sequence[str] | None = None, channels: Sequence[int] | None = None,
-                      crop: int | Sequence[int] | None = None, seed: int = 0) -> FeatureDataset:
-        """A ``torch.utils.data.Dataset`` of this store for DataLoaders with any number of workers (fork or spawn)."""
-        return FeatureDataset(self.select(arrays=arrays, channels=channels, crop=crop, seed=seed))
+                      crop: int | Sequence[int] | None = None, seed: int = 0, upsample: bool = True) -> FeatureDataset:
+        """A ``torch.utils.data.Dataset`` of this store for DataLoaders with any number of workers (fork or spawn).
+
+        ``upsample=False`` (compact stores): items hold, instead of ``features``, the ``lowres`` and ``image`` windows
+        (and with a crop its ``origin``) that ``self.select(...).upsampler(device=...)`` turns into the features.
+        """
+        if not upsample and self.compact is None:
+            raise ConfigError(f"upsample=False: expected a compact store (featup precompute --compact), got {self.url}, "
+                              "whose features are stored")
+        return FeatureDataset(self.select(arrays=arrays, channels=channels, crop=crop, seed=seed), upsample=upsample)
+
+    def upsampler(self, *, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> StoredUpsampler:
+        """A compact store's upsampler as a module on ``device``: ``up(lowres, image, origin=None) -> features`` for the
+        channels and crop size of this reader's selection (batches of ``torch_dataset(upsample=False)``)."""
+        if self.compact is None:
+            raise ConfigError(f"upsampler(): expected a compact store (featup precompute --compact), got {self.url}, "
+                              "whose features are stored")
+        return self.compact.upsampler(self.options.channels, self.options.crop, device=device, dtype=dtype)
+
+    def _default_arrays(self) -> tuple[str, ...]:
+        """What ``reader[i]`` returns unless told: every array; a compact store's ``lowres`` only when asked for."""
+        return tuple(n for n in self.shapes if not (self.compact is not None and n == "lowres"))
 
     @property
     def array_names(self) -> tuple[str, ...]:
@@ -103,16 +134,28 @@ class FeatureReader:
     def __getitem__(self, i: int) -> dict[str, Any]:
         return self.get(i)
 
-    def get(self, i: int, generator: torch.Generator | None = None) -> dict[str, Any]:
-        """Valid sample ``i`` as tensors; a crop's corner is drawn from ``generator`` (default: this process's own)."""
+    def get(self, i: int, generator: torch.Generator | None = None, *, upsample: bool = True) -> dict[str, Any]:
+        """Valid sample ``i`` as tensors; a crop's corner is drawn from ``generator`` (default: this process's own).
+
+        ``upsample=False`` (compact stores): the ``lowres``, ``image`` (and ``origin``) windows instead of ``features``."""
         if not -len(self) <= i < len(self):
             raise IndexError(f"sample {i}: expected a position in [0, {len(self)}) of the valid samples, got {i}")
         row = int(self.rows[i])
         boxes = self._crop_boxes(generator) if self.options.crop else {}
         store = self._open()
         out: dict[str, Any] = {"key": self.keys[i], "row": row}
+        inputs = None  # a compact store's low-res and guidance windows (features come first)
         for name in self.array_names:
             try:
+                if name == "features" and self.compact is not None:
+                    inputs = self._compact_inputs(store, row, boxes.get(name))
+                    out.update(self._compact_features(inputs, boxes.get(name), upsample))
+                    continue
+                if inputs is not None and name in ("lowres", "image") and not upsample:
+                    continue  # the upsampler's windows take their place
+                if inputs is not None and name == "image":  # cut from the guidance window already read
+                    out[name] = self.compact.image_crop(inputs, boxes.get("features"), boxes.get(name))
+                    continue
                 value = store_call(self.retry, f"read row {row} of", f"{self.url}/{name}", _read, store.array(name), name,
                                    row, boxes.get(name), self.options.channels, writing=False)
                 if name in self.quantized:  # int8 codes -> float32 with the row's per-channel scale and offset
@@ -122,6 +165,21 @@ class FeatureReader:
                 raise lost_row_error(self.url, e.key.split("/", 1)[0], row, e.key, self.keys[i]) from None
             out[name] = _to_tensor(name, value)
         return out
+
+    def _compact_inputs(self, store: FeatureStore, row: int, box: tuple[int, int, int, int] | None) -> dict[str, torch.Tensor]:
+        """The low-res and guidance windows the features of ``row`` (cropped to ``box``) are upsampled from."""
+        def read(name: str, window: tuple[int, int, int, int], channels: tuple[int, ...] | None) -> np.ndarray:
+            return store_call(self.retry, f"read row {row} of", f"{self.url}/{name}", _read, store.array(name), name, row,
+                              window, channels, writing=False)
+
+        return self.compact.inputs(read, box, self.options.channels)
+
+    def _compact_features(self, inputs: dict[str, torch.Tensor], box: tuple[int, int, int, int] | None,
+                          upsample: bool) -> dict[str, torch.Tensor]:
+        """A compact store's features (cropped to ``box``), or with ``upsample`` False the windows they need."""
+        if not upsample:
+            return inputs if box is not None else {k: v for k, v in inputs.items() if k != "origin"}
+        return {"features": self.compact.features(inputs, box, self.options.channels)}
 
     def _dequantize(self, store: FeatureStore, name: str, row: int, codes: np.ndarray) -> np.ndarray:
         """(K, h, w) codes of ``name`` at ``row`` as float32 features (crops need only the row's per-channel values)."""
@@ -165,19 +223,20 @@ class FeatureReader:
 class FeatureDataset(torch.utils.data.Dataset):
     """A reader as a torch Dataset; each DataLoader worker opens the store itself and crops with its own seed."""
 
-    def __init__(self, reader: FeatureReader) -> None:
-        self.reader = reader
+    def __init__(self, reader: FeatureReader, upsample: bool = True) -> None:
+        self.reader, self.upsample = reader, upsample
 
     def __len__(self) -> int:
         return len(self.reader)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
-        return self.reader.get(i)
+        return self.reader.get(i, upsample=self.upsample)
 
 
-def _check_options(options: ReadOptions, shapes: dict[str, tuple[tuple[int, ...], np.dtype]]) -> ReadOptions:
+def _check_options(options: ReadOptions, shapes: dict[str, tuple[tuple[int, ...], np.dtype]],
+                   default: tuple[str, ...]) -> ReadOptions:
     """The options after checking them against the store's arrays (array names, channel range, crop geometry)."""
-    names = options.arrays or tuple(shapes)
+    names = options.arrays or default
     unknown = [n for n in names if n not in shapes]
     if unknown:
         raise ConfigError(f"arrays to read: expected names among {list(shapes)}, got {unknown}")

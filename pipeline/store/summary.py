@@ -36,6 +36,7 @@ def store_summary(url: str, storage_options: dict | None = None, verify: bool = 
         "failure_reasons": Counter(failed["error"].to_pylist()).most_common(TOP_REASONS),
         "shards": {"committed": len(store.committed_shards()), "total": attrs.get("num_shards")},
         "report": _report_summary(report),
+        "compact": _compact_summary(store),
         **checked,
         "provenance": attrs,
     })
@@ -46,6 +47,20 @@ def _verify(store: FeatureStore, index: Any) -> dict[str, Any]:
     lost = find_lost_rows(store, index)
     return {"verified_rows": int(pc.sum(pc.equal(index["status"], "ok")).as_py() or 0),
             "lost_rows": [asdict(r) for r in lost]}
+
+
+def _compact_summary(store: FeatureStore) -> dict[str, Any] | None:
+    """A compact store's upsampler (kind, sizes, sha256, bytes), checked; None for a store whose features are stored."""
+    from pipeline.store.compact import is_compact, read_upsampler
+
+    if not is_compact(store.attrs):
+        return None
+    found = read_upsampler(store)
+    if found is None:
+        return {"upsampler": None}
+    record, _ = found
+    return {"upsampler": record.kind, "features_shape": [record.dim, *record.output_size], "sha256": record.sha256,
+            "bytes": record.nbytes, "source": record.source}
 
 
 def _array_summary(name: str, array: Any) -> dict[str, Any]:
@@ -97,6 +112,12 @@ def format_summary(summary: dict[str, Any]) -> str:
         speed = f", {report['images_per_s']} images/s" if report.get("images_per_s") is not None else ""
         lines.append(f"last run: {report['status']} in {report['wall_s']} s{speed}"
                      + (f" ({report['failure']})" if report.get("failure") else ""))
+    compact = summary.get("compact")
+    if compact is not None:
+        shape = "x".join(map(str, compact.get("features_shape") or []))
+        lines.append(f"features: not stored (compact store): upsampled where read by its stored {compact['upsampler']} "
+                     f"upsampler to {shape} (sha256 {compact.get('sha256')}, {compact.get('bytes')} bytes); "
+                     "`featup materialize` writes them into a full store")
     if "lost_rows" in summary:
         lines.extend(_verify_lines(summary))
     lines.append("provenance:")

@@ -186,6 +186,20 @@ def assert_same_store(a: str, b: str, *, options_a: dict | None = None, options_
     assert index_a == index_b
 
 
+def assert_materialized(full: str, materialized: str, tolerance: float = 1e-4) -> None:
+    """A store written by ``featup materialize`` holds the full store's arrays (within ``tolerance``), index and
+    attributes (but for where it came from, the command line and the time)."""
+    from pipeline.store.features import FeatureStore
+
+    (expected, index), (got, got_index) = read_store(full), read_store(materialized)
+    assert sorted(got) == sorted(expected) and got_index == index
+    for name in expected:
+        assert got[name].dtype == expected[name].dtype
+        assert np.abs(got[name].astype(np.float64) - expected[name]).max() <= tolerance, name
+    a, b = FeatureStore.open(full, mode="r").attrs, FeatureStore.open(materialized, mode="r").attrs
+    assert {k for k in a.keys() | b.keys() if a.get(k) != b.get(k)} <= {"materialized_from", "command_line", "created_at"}
+
+
 def wait_for(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.05) -> Any:
     """Polls ``predicate`` until it returns something truthy; fails the test after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout

@@ -18,7 +18,8 @@ def test_fingerprint_holds_the_content_settings_and_not_the_resources():
                      decode_threads=4, kernel_backend="eager", overwrite=True, device="cpu", inputs=("b.tar",))
     assert _config(**resources).store_fingerprint() == base.store_fingerprint()
     assert _config(in_process=True).store_fingerprint() == base.store_fingerprint()  # where it runs: not the content
-    for name, value in dict(dtype="float32", image_size=448, channels=8, labels=("seg.png",), upsampler="bilinear").items():
+    for name, value in dict(dtype="float32", image_size=448, channels=8, labels=("seg.png",), upsampler="bilinear",
+                            compact=True).items():
         assert _config(**{name: value}).store_fingerprint()[name] != base.store_fingerprint()[name]
 
 

@@ -303,3 +303,36 @@ def test_a_resume_with_another_encoding_is_refused_naming_it(env, tmp_path):
     assert _run(config)[0] == 0
     with pytest.raises(ConfigError, match='quantize: store has "int8", this run has null'):
         run_precompute(_config(env["shards"][:1], config.output), out=io.StringIO(), err=io.StringIO())
+
+
+def test_materialize_after_a_killed_actor_equals_the_full_store_of_the_same_command(env, ray_env, tmp_path):
+    """One Ray run of featup materialize (2 actors, one killed mid-shard): the full store precompute writes, within 1e-4."""
+    from pipeline.precompute.materialize import materialize_config, run_materialize
+
+    shards = corpus.make_good_shards(tmp_path / "in", n_shards=2, per_shard=4)
+    command = dict(image_size=48, save_lowres=False, labels=("seg.png",))  # 48 px: a shard takes long enough to be caught
+    full = helpers.tiny_config(shards, tmp_path / "full.zarr", **command)
+    compact = helpers.tiny_config(shards, tmp_path / "compact.zarr", compact=True, **command)
+    helpers.reference_store(full)
+    helpers.reference_store(compact)
+    config = materialize_config(compact.output, str(tmp_path / "materialized.zarr"), actors=2, batch_size=1,
+                                cpus_per_actor=1.0, device="cpu", kernel_backend="eager")
+    outcome = {}
+
+    def materialize():
+        out, err = io.StringIO(), io.StringIO()
+        outcome["result"] = (run_materialize(config, out=out, err=err, json_output=True), out.getvalue(), err.getvalue())
+
+    thread = threading.Thread(target=materialize, daemon=True)
+    thread.start()
+    victim = helpers.wait_for(helpers.busy_actor, 60, "a materialize actor part-way through a shard")
+    import ray
+
+    os.kill(ray.get(victim.pid.remote()), signal.SIGKILL)
+    thread.join(120)
+    code, out, err = outcome["result"]
+    report = json.loads(out)
+    assert code == 0, err
+    assert report["actors"]["restarts"] == 1 and report["shards"]["retries"] == 1 and "will be redone" in err
+    assert report["samples"]["ok"] == 8 and report["config"]["materialize_from"] == compact.output
+    helpers.assert_materialized(full.output, config.output)
