@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from featup.errors import CheckpointError, ConfigError, InputError
-from featup.upsamplers.base import IMAGENET_NORM, PublishedWeights, UPSAMPLERS, check_inputs, resolve_output_size
+from featup.upsamplers.base import IMAGENET_NORM, PublishedWeights, UPSAMPLERS, check_inputs, check_state_dict, resolve_output_size
 
 NUM_GROUPS = 8  # GroupNorm groups in every ResBlock
 _BAND_ELEMENTS = 1 << 24  # elements of one band of the RoPE and feature-unification intermediates
@@ -414,26 +414,9 @@ def from_state_dict(
         )
     except ConfigError as err:
         raise CheckpointError(f"AnyUp state dict: implies an invalid model: {err}") from err
-    _check_keys(model.state_dict(), state)
+    check_state_dict("AnyUp", model.state_dict(), state)
     model.load_state_dict(state, strict=True)
     return model
-
-
-def _check_keys(expected: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor]) -> None:
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    wrong = [
-        f"{key} {tuple(state[key].shape)} (expected {tuple(value.shape)})"
-        for key, value in expected.items()
-        if key in state and state[key].shape != value.shape
-    ]
-    problems = [
-        f"{label}: {', '.join(items)}"
-        for label, items in (("missing keys", missing), ("unexpected keys", unexpected), ("wrong shapes", wrong))
-        if items
-    ]
-    if problems:
-        raise CheckpointError("AnyUp state dict does not fit the model: " + "; ".join(problems))
 
 
 @UPSAMPLERS.register("anyup")

@@ -8,12 +8,12 @@ Every upsampler maps low-resolution features (B, C, h, w) and the normalised gui
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import torch
 from torch import nn
 
-from featup.errors import ConfigError, InputError
+from featup.errors import CheckpointError, ConfigError, InputError
 from featup.registry import Registry
 
 UPSAMPLERS: Registry[nn.Module] = Registry("upsampler")
@@ -77,6 +77,21 @@ UNIT_NORM = ImageNorm((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))  # plain RGB in [0, 1]
 def build_upsampler(name: str, dim: int, *, num_stages: int = 4, device=None, dtype=None, **kwargs) -> nn.Module:
     """Build the upsampler registered as ``name`` for ``dim``-channel features."""
     return UPSAMPLERS.get(name)(dim, num_stages=num_stages, device=device, dtype=dtype, **kwargs)
+
+
+def check_state_dict(what: str, expected: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor],
+                     may_lack: tuple[str, ...] = ()) -> None:
+    """CheckpointError naming every missing, unexpected and misshaped key of ``state`` against the model's ``expected``
+    state dict (keys ending in one of ``may_lack`` may be absent), before a strict ``load_state_dict``."""
+    missing = sorted(k for k in set(expected) - set(state) if not k.endswith(may_lack or ("\0",)))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = [f"{k} {tuple(state[k].shape)} (expected {tuple(v.shape)})"
+             for k, v in expected.items() if k in state and state[k].shape != v.shape]
+    problems = [f"{label}: {', '.join(items)}"
+                for label, items in (("missing keys", missing), ("unexpected keys", unexpected), ("wrong shapes", wrong))
+                if items]
+    if problems:
+        raise CheckpointError(f"{what} state dict does not fit the model: " + "; ".join(problems))
 
 
 def check_finite(name: str, x: torch.Tensor) -> None:

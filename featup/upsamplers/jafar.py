@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from featup.errors import CheckpointError, ConfigError
-from featup.upsamplers.base import IMAGENET_NORM, PublishedWeights, UPSAMPLERS, check_inputs, resolve_output_size
+from featup.upsamplers.base import IMAGENET_NORM, PublishedWeights, UPSAMPLERS, check_inputs, check_state_dict, resolve_output_size
 
 NUM_GROUPS = 8  # GroupNorm groups everywhere in the published model
 NUM_RES_BLOCKS = 2  # residual blocks after each encoder's first conv
@@ -343,26 +343,9 @@ def from_state_dict(
         model = JAFAR(**sizes, num_heads=num_heads, max_query_pixels=max_query_pixels, device=device, dtype=dtype)
     except ConfigError as err:
         raise CheckpointError(f"JAFAR state dict: shapes imply an invalid model: {err}") from err
-    _check_keys(model.state_dict(), state)
+    check_state_dict("JAFAR", model.state_dict(), state)
     model.load_state_dict(state, strict=True)
     return model
-
-
-def _check_keys(expected: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor]) -> None:
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    wrong = [
-        f"{k} (expected {tuple(v.shape)}, got {tuple(state[k].shape)})"
-        for k, v in expected.items()
-        if k in state and state[k].shape != v.shape
-    ]
-    problems = [
-        f"{label}: {', '.join(keys)}"
-        for label, keys in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatch", wrong))
-        if keys
-    ]
-    if problems:
-        raise CheckpointError("JAFAR state dict does not fit the model; " + "; ".join(problems))
 
 
 @UPSAMPLERS.register("jafar")

@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from featup.errors import CheckpointError, ConfigError, InputError
-from featup.upsamplers.base import IMAGENET_NORM, PublishedWeights, UPSAMPLERS, check_inputs, resolve_output_size
+from featup.upsamplers.base import IMAGENET_NORM, PublishedWeights, UPSAMPLERS, check_inputs, check_state_dict, resolve_output_size
 
 TOKEN_FREQS = 5  # frequencies of the low-res tokens' position encoding (fixed in the published code)
 COLOR_DIM = 3
@@ -402,26 +402,9 @@ def from_state_dict(
         )
     except ConfigError as err:
         raise CheckpointError(f"LoftUp state dict: implies an invalid model: {err}") from err
-    _check_keys(model.state_dict(), state)
+    check_state_dict("LoftUp", model.state_dict(), state)
     model.load_state_dict(state, strict=True)
     return model.eval()
-
-
-def _check_keys(expected: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor]) -> None:
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    wrong = [
-        f"{k} {tuple(state[k].shape)} != {tuple(v.shape)}"
-        for k, v in expected.items()
-        if k in state and state[k].shape != v.shape
-    ]
-    problems = [
-        f"{label}: {', '.join(items)}"
-        for label, items in (("missing keys", missing), ("unexpected keys", unexpected), ("wrong shapes", wrong))
-        if items
-    ]
-    if problems:
-        raise CheckpointError("LoftUp state dict does not fit the model: " + "; ".join(problems))
 
 
 @UPSAMPLERS.register("loftup")

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from featup.errors import CheckpointError, ConfigError, InputError
-from featup.upsamplers.base import IMAGENET_NORM, PublishedWeights, UPSAMPLERS, check_inputs, resolve_output_size
+from featup.upsamplers.base import IMAGENET_NORM, PublishedWeights, UPSAMPLERS, check_inputs, check_state_dict, resolve_output_size
 
 GROUPS = 8  # GroupNorm groups of the image encoders
 MAX_GUIDANCE_RATIO = 4  # the guidance is downscaled to at most 4x the output size before encoding
@@ -374,7 +374,7 @@ def from_state_dict(state: Mapping[str, torch.Tensor], *, device=None, dtype=Non
         model = NAF(dim, heads_rope=dim // (4 * periods.numel()), img_layers=len(blocks), device=device, dtype=dtype)
     except ConfigError as error:
         raise CheckpointError(f"NAF checkpoint: implies an invalid model: {error}") from None
-    _check_keys_and_shapes(model, state)
+    check_state_dict("NAF", model.state_dict(), state)
     model.load_state_dict(state, strict=True)
     return model
 
@@ -383,17 +383,6 @@ def _require(state: Mapping[str, torch.Tensor], key: str) -> torch.Tensor:
     if key not in state:
         raise CheckpointError(f"NAF checkpoint: missing key {key!r}")
     return state[key]
-
-
-def _check_keys_and_shapes(model: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
-    expected = model.state_dict()
-    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
-    if missing or unexpected:
-        raise CheckpointError(f"NAF checkpoint: missing keys {missing}, unexpected keys {unexpected}")
-    wrong = [f"{key}: expected {tuple(expected[key].shape)}, got {tuple(state[key].shape)}"
-             for key in expected if expected[key].shape != state[key].shape]
-    if wrong:
-        raise CheckpointError(f"NAF checkpoint: wrong shapes: {'; '.join(wrong)}")
 
 
 @UPSAMPLERS.register("naf")

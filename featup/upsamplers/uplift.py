@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from featup.errors import CheckpointError, ConfigError
-from featup.upsamplers.base import IMAGENET_NORM, PublishedWeights, UPSAMPLERS, check_inputs, resolve_output_size
+from featup.upsamplers.base import IMAGENET_NORM, PublishedWeights, UPSAMPLERS, check_inputs, check_state_dict, resolve_output_size
 
 # (dy, dx) low-res offsets of the 17-neighbour attender, in the order of its weight channels.
 OFFSETS: tuple[tuple[int, int], ...] = (
@@ -439,21 +439,6 @@ def _require(state: Mapping[str, torch.Tensor], key: str, ndim: int) -> torch.Te
     return state[key]
 
 
-def _check_keys(model: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in state and not k.endswith("num_batches_tracked")]
-    unexpected = [k for k in state if k not in expected]
-    wrong = [
-        f"{k}: {tuple(v.shape)} (expected {tuple(expected[k].shape)})"
-        for k, v in state.items()
-        if k in expected and v.shape != expected[k].shape
-    ]
-    found = {"missing keys": missing, "unexpected keys": unexpected, "shape mismatches": wrong}
-    problems = [f"{what} {names}" for what, names in found.items() if names]
-    if problems:
-        raise CheckpointError("UPLiFT state dict does not fit the model: " + "; ".join(problems))
-
-
 def from_state_dict(
     state: Mapping[str, torch.Tensor], *, patch_size: int = 14, device=None, dtype=None, **kwargs
 ) -> UPLiFT:
@@ -472,7 +457,7 @@ def from_state_dict(
     if dim < 1:
         raise CheckpointError(f"UPLiFT state dict: 'decoder.block_0.blocks.0.conv.0.weight' {tuple(first.shape)} has no feature inputs")
     model = UPLiFT(dim, patch_size, encoder_channels=channels, hidden_channels=hidden, device=device, dtype=dtype, **kwargs)
-    _check_keys(model, state)
+    check_state_dict("UPLiFT", model.state_dict(), state, may_lack=("num_batches_tracked",))
     try:
         model.load_state_dict(dict(state), strict=True)
     except RuntimeError as err:

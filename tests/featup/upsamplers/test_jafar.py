@@ -94,7 +94,7 @@ def test_renamed_key_is_named(released_state, key):
 def test_wrong_shape_is_named(released_state):
     state = dict(released_state)
     state["rope.freqs"] = torch.zeros(2, 64)
-    with pytest.raises(CheckpointError, match=r"rope\.freqs.*\(2, 128\).*\(2, 64\)"):
+    with pytest.raises(CheckpointError, match=r"wrong shapes: rope\.freqs \(2, 64\) \(expected \(2, 128\)\)"):
         from_state_dict(state)
 
 

@@ -71,14 +71,14 @@ def test_released_layout_hyper_parameters(model, released_state):
 def test_renamed_key_is_named(released_state):
     state = dict(released_state)
     state["attender.conv2.weight"] = state.pop("attender.conv1.weight")
-    with pytest.raises(CheckpointError, match=r"missing keys \['attender.conv1.weight'\].*attender.conv2.weight"):
+    with pytest.raises(CheckpointError, match=r"missing keys: attender\.conv1\.weight.*attender\.conv2\.weight"):
         from_state_dict(state)
 
 
 def test_wrong_shape_is_named(released_state):
     state = dict(released_state)
     state["attender.conv1.bias"] = torch.zeros(16)
-    with pytest.raises(CheckpointError, match=r"attender.conv1.bias: \(16,\) \(expected \(17,\)\)"):
+    with pytest.raises(CheckpointError, match=r"wrong shapes: attender.conv1.bias \(16,\) \(expected \(17,\)\)"):
         from_state_dict(state)
 
 
