@@ -35,7 +35,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from featup.errors import CheckpointError, ConfigError, InputError
-from featup.upsamplers.base import IMAGENET_NORM, PublishedWeights, UPSAMPLERS, check_inputs, check_state_dict, resolve_output_size
+from featup.upsamplers.base import (
+    IMAGENET_NORM, PublishedWeights, UPSAMPLERS, check_inputs, check_state_dict, resolve_output_size, state_shape,
+)
 
 NUM_GROUPS = 8  # GroupNorm groups in every ResBlock
 _BAND_ELEMENTS = 1 << 24  # elements of one band of the RoPE and feature-unification intermediates
@@ -382,15 +384,6 @@ def state_dict_from_checkpoint(raw: object) -> dict[str, torch.Tensor]:
     return dict(raw)
 
 
-def _shape(state: Mapping[str, torch.Tensor], key: str, ndim: int) -> torch.Size:
-    if key not in state:
-        raise CheckpointError(f"AnyUp state dict: missing key {key!r} (needed to infer the model size)")
-    if state[key].dim() != ndim:
-        found = tuple(state[key].shape)
-        raise CheckpointError(f"AnyUp state dict: expected {key!r} with {ndim} dims, got shape {found}")
-    return state[key].shape
-
-
 def from_state_dict(
     state: Mapping[str, torch.Tensor],
     *,
@@ -405,8 +398,8 @@ def from_state_dict(
     ``num_heads`` and ``window_ratio`` are not recorded in the checkpoint (both releases use 4 and 0.1).
     Raises CheckpointError naming the missing, unexpected or wrongly shaped keys.
     """
-    qk_dim, input_dim, kernel_size, _ = _shape(state, "image_encoder.0.weight", 4)
-    lfu_dim, _, kernel_size_lfu, _ = _shape(state, "key_features_encoder.0.basis", 4)
+    qk_dim, input_dim, kernel_size, _ = state_shape("AnyUp", state, "image_encoder.0.weight", 4)
+    lfu_dim, _, kernel_size_lfu, _ = state_shape("AnyUp", state, "key_features_encoder.0.basis", 4)
     try:
         model = AnyUp(
             input_dim, qk_dim, kernel_size, kernel_size_lfu, window_ratio, num_heads, lfu_dim,

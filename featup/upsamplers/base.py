@@ -79,6 +79,16 @@ def build_upsampler(name: str, dim: int, *, num_stages: int = 4, device=None, dt
     return UPSAMPLERS.get(name)(dim, num_stages=num_stages, device=device, dtype=dtype, **kwargs)
 
 
+def state_shape(what: str, state: Mapping[str, torch.Tensor], key: str, ndim: int) -> torch.Size:
+    """The shape of ``state[key]``, which a loader reads to size the model: CheckpointError (naming ``what``'s state
+    dict and the key) when the key is missing or has another number of dims."""
+    if key not in state:
+        raise CheckpointError(f"{what} state dict: missing key {key!r} (needed to infer the model size)")
+    if state[key].dim() != ndim:
+        raise CheckpointError(f"{what} state dict: expected {key!r} with {ndim} dims, got shape {tuple(state[key].shape)}")
+    return state[key].shape
+
+
 def check_state_dict(what: str, expected: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor],
                      may_lack: tuple[str, ...] = ()) -> None:
     """CheckpointError naming every missing, unexpected and misshaped key of ``state`` against the model's ``expected``

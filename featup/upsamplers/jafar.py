@@ -32,7 +32,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from featup.errors import CheckpointError, ConfigError
-from featup.upsamplers.base import IMAGENET_NORM, PublishedWeights, UPSAMPLERS, check_inputs, check_state_dict, resolve_output_size
+from featup.upsamplers.base import (
+    IMAGENET_NORM, PublishedWeights, UPSAMPLERS, check_inputs, check_state_dict, resolve_output_size, state_shape,
+)
 
 NUM_GROUPS = 8  # GroupNorm groups everywhere in the published model
 NUM_RES_BLOCKS = 2  # residual blocks after each encoder's first conv
@@ -320,15 +322,6 @@ def state_dict_from_checkpoint(raw: object) -> dict[str, torch.Tensor]:
     return dict(state)
 
 
-def _shape(state: Mapping[str, torch.Tensor], key: str, ndim: int) -> tuple[int, ...]:
-    if key not in state:
-        raise CheckpointError(f"JAFAR state dict: missing key {key!r}, needed to infer the model's sizes")
-    shape = tuple(state[key].shape)
-    if len(shape) != ndim:
-        raise CheckpointError(f"JAFAR state dict: expected a {ndim}-D {key!r}, got shape {shape}")
-    return shape
-
-
 def from_state_dict(
     state: Mapping[str, torch.Tensor], *, num_heads: int = 4, max_query_pixels: int = 2048, device=None, dtype=None
 ) -> JAFAR:
@@ -336,8 +329,8 @@ def from_state_dict(
 
     ``num_heads`` cannot be read from the shapes; the published config (``config/model/jafar.yaml``) uses 4.
     """
-    qk_dim, v_dim = _shape(state, "key_features_encoder.0.weight", 4)[:2]
-    _, input_dim, kernel_size, _ = _shape(state, "image_encoder.0.weight", 4)
+    qk_dim, v_dim = state_shape("JAFAR", state, "key_features_encoder.0.weight", 4)[:2]
+    _, input_dim, kernel_size, _ = state_shape("JAFAR", state, "image_encoder.0.weight", 4)
     try:
         sizes = {"input_dim": input_dim, "qk_dim": qk_dim, "v_dim": v_dim, "kernel_size": kernel_size}
         model = JAFAR(**sizes, num_heads=num_heads, max_query_pixels=max_query_pixels, device=device, dtype=dtype)

@@ -41,7 +41,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from featup.errors import CheckpointError, ConfigError, InputError
-from featup.upsamplers.base import IMAGENET_NORM, PublishedWeights, UPSAMPLERS, check_inputs, check_state_dict, resolve_output_size
+from featup.upsamplers.base import (
+    IMAGENET_NORM, PublishedWeights, UPSAMPLERS, check_inputs, check_state_dict, resolve_output_size, state_shape,
+)
 
 TOKEN_FREQS = 5  # frequencies of the low-res tokens' position encoding (fixed in the published code)
 COLOR_DIM = 3
@@ -365,15 +367,6 @@ def state_dict_from_checkpoint(raw: object) -> dict[str, torch.Tensor]:
     return {_rename(k): v for k, v in raw.items()}
 
 
-def _shape(state: Mapping[str, torch.Tensor], key: str, ndim: int) -> torch.Size:
-    if key not in state:
-        raise CheckpointError(f"LoftUp state dict: missing key {key!r} (needed to infer the model size)")
-    if state[key].dim() != ndim:
-        shape = tuple(state[key].shape)
-        raise CheckpointError(f"LoftUp state dict: expected {key!r} with {ndim} dims, got shape {shape}")
-    return state[key].shape
-
-
 def from_state_dict(
     state: Mapping[str, torch.Tensor],
     *,
@@ -388,8 +381,8 @@ def from_state_dict(
     ``dim``, ``n_freqs``, ``color_feats`` and ``num_layers`` come from the tensor shapes; ``num_heads`` is not
     recorded (every release uses 4). Raises CheckpointError naming missing, unexpected or misshaped keys.
     """
-    (dim,) = _shape(state, "lr_norm.weight", 1)
-    _, in_dim, n_freqs = _shape(state, "image_encoding.biases", 3)
+    (dim,) = state_shape("LoftUp", state, "lr_norm.weight", 1)
+    _, in_dim, n_freqs = state_shape("LoftUp", state, "image_encoding.biases", 3)
     if in_dim not in (2, 2 + COLOR_DIM):
         raise CheckpointError(
             f"LoftUp state dict: expected 'image_encoding.biases' of shape (2, 2 or 5, K), got {in_dim} inputs"

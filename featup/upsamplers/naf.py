@@ -36,7 +36,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from featup.errors import CheckpointError, ConfigError, InputError
-from featup.upsamplers.base import IMAGENET_NORM, PublishedWeights, UPSAMPLERS, check_inputs, check_state_dict, resolve_output_size
+from featup.upsamplers.base import (
+    IMAGENET_NORM, PublishedWeights, UPSAMPLERS, check_inputs, check_state_dict, resolve_output_size,
+)
 
 GROUPS = 8  # GroupNorm groups of the image encoders
 MAX_GUIDANCE_RATIO = 4  # the guidance is downscaled to at most 4x the output size before encoding

@@ -35,7 +35,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from featup.errors import CheckpointError, ConfigError
-from featup.upsamplers.base import IMAGENET_NORM, PublishedWeights, UPSAMPLERS, check_inputs, check_state_dict, resolve_output_size
+from featup.upsamplers.base import (
+    IMAGENET_NORM, PublishedWeights, UPSAMPLERS, check_inputs, check_state_dict, resolve_output_size,
+)
 
 # (dy, dx) low-res offsets of the 17-neighbour attender, in the order of its weight channels.
 OFFSETS: tuple[tuple[int, int], ...] = (
