@@ -121,11 +121,18 @@ def machine_node() -> NodeResources:
     return NodeResources("local", "127.0.0.1", float(os.cpu_count() or 1), float(torch.cuda.device_count()))
 
 
-def _assigned_gpus() -> float:
-    """The GPUs Ray gave this actor (0 outside Ray)."""
+def _in_ray_worker() -> bool:
+    """Whether this process is a Ray worker (an actor or task), not a driver that merely joined Ray."""
     import ray
 
-    if not ray.is_initialized():
+    return ray.is_initialized() and ray.get_runtime_context().worker.mode == ray.WORKER_MODE
+
+
+def _assigned_gpus() -> float:
+    """The GPUs Ray gave this actor (0 outside a Ray worker: an in-process worker in a driver that joined Ray too)."""
+    import ray
+
+    if not _in_ray_worker():
         return 0.0
     return float(ray.get_runtime_context().get_assigned_resources().get("GPU", 0.0))
 
