@@ -188,8 +188,7 @@ class GuidedUpsampler(nn.Module):
 
 def successor_kind(upsampler: nn.Module) -> upsampler_hub.Kind | None:
     """The successor kind an upsampler module belongs to (None for jbu, bilinear and others)."""
-    module = type(upsampler).__module__
-    return next((k for k in upsampler_hub.KINDS.values() if k.module == module), None)
+    return upsampler_hub.module_kind(upsampler)
 
 
 def for_backbone(upsampler: nn.Module, backbone: nn.Module) -> nn.Module:

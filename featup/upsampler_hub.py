@@ -50,6 +50,14 @@ class Kind:
     per_image: bool = False  # its published forward mixes the images of a batch: run one image at a time
     patch_attr: str | None = None  # attribute (and from_state_dict argument) holding the backbone's patch size, which
     # the weights do not record: a published name's, else the backbone's stride (``featup.hub.for_backbone``)
+    # How a compact store's reader may run it (``featup.upsamplers.window``, ``pipeline.store.compact``); the defaults
+    # are the conservative answers, so a new kind is read exactly before it is read cheaply.
+    whole_map: bool = True  # an output pixel may depend on every low-res cell and guidance pixel: a crop is cut from
+    # the whole map's output instead of being computed from a window of the low-res map
+    all_channels: bool = True  # a channel's output depends on other channels: a channel subset is cut from the output
+    # of every channel instead of being computed from those channels alone
+    commutes_with_projection: bool = False  # linear in the features with the same weights for every channel: a
+    # ``--channels`` PCA of its input is the PCA of its output (what ``--compact --channels`` stores)
 
     @property
     def env_var(self) -> str:
@@ -68,6 +76,14 @@ class Kind:
         return self.implementation().PUBLISHED
 
 
+# Every successor is read from the whole map and from every channel (the Kind defaults), and refuses a --channels
+# projection of its input, each for its own reasons:
+#   anyup   keys unify every feature channel; GroupNorm over the whole image; windows of +-10 % of the map
+#   jafar   global attention; keys from every (L2-normalised) channel
+#   loftup  a transformer over every low-res token; LayerNorm over the channels; colours min-max scaled per image
+#   naf     attention weights from the image only, but GroupNorm over the whole image and keys pooled from the whole
+#           map; each head weighs its own group of channels, so a channel's weights depend on where it sits
+#   uplift  every 2x step's weights come from a conv over all channels; a final resize over the whole map
 KINDS: dict[str, Kind] = {
     kind.name: kind
     for kind in (
@@ -79,6 +95,12 @@ KINDS: dict[str, Kind] = {
         Kind("uplift", "featup.upsamplers.uplift", "dinov2_vits14", feature_dim="dim", patch_attr="patch_size"),
     )
 }
+
+
+def module_kind(upsampler: object) -> Kind | None:
+    """The successor kind an upsampler module belongs to (None for jbu, bilinear and others)."""
+    module = type(upsampler).__module__
+    return next((k for k in KINDS.values() if k.module == module), None)
 
 
 def kind_of(name: str) -> Kind:

@@ -388,10 +388,11 @@ def _require(state: Mapping[str, torch.Tensor], key: str) -> torch.Tensor:
 
 
 @UPSAMPLERS.register("naf")
-def build_naf(dim: int, *, num_stages: int = 4, device=None, dtype=None, **kwargs) -> NAF:
+def build_naf(dim: int, *, num_stages: int = 4, device=None, dtype=None, guidance_dim: int = 256, **kwargs) -> NAF:
     """Randomly initialised NAF with the published defaults. ``dim`` is the feature channel count (only
-    checked: any multiple of ``heads_attn`` works); ``num_stages`` is ignored; ``kwargs`` go to ``NAF``."""
+    checked: any multiple of ``heads_attn`` works); ``guidance_dim`` is NAF's own ``dim`` (its guidance channels);
+    ``num_stages`` is ignored; ``kwargs`` go to ``NAF``."""
     heads = kwargs.get("heads_attn", 4)
     if dim < 1 or dim % heads:
         raise ConfigError(f"naf: expected a feature dim divisible by heads_attn={heads}, got {dim}")
-    return NAF(**kwargs, device=device, dtype=dtype)
+    return NAF(guidance_dim, **kwargs, device=device, dtype=dtype)

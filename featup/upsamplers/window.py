@@ -15,7 +15,10 @@ final resize reaches the output size (stride 14), stages run on whole maps and t
 
 The stack is linear in the features with filters shared by all channels, and its only channel mix (the final
 1x1 fix-up) runs at the lowest resolution: a channel subset mixes the low-res features, keeps its channels and
-upsamples only those. ``bilinear`` is one local step of an integer scale. Any other upsampler runs whole.
+upsamples only those. ``bilinear`` is one local step of an integer scale. Any other upsampler runs on whole maps and
+every channel, the crop and the channels cut from its output: FeatUp's successors declare so on their kind
+(``featup.upsampler_hub.Kind``: ``whole_map``, ``all_channels``), and a kind whose published forward mixes the images
+of a batch (``per_image``) runs one image at a time, as the pipeline runs it.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from featup.errors import ConfigError, InputError
+from featup.upsampler_hub import module_kind
 from featup.upsamplers.bilinear import BilinearUpsampler
 from featup.upsamplers.jbu import JBUStack, _conv1x1
 
@@ -61,7 +65,11 @@ def window_steps(upsampler: nn.Module, lowres_size: Pair, image_size: Pair, outp
             return None
         fy, fx = out_h // h, out_w // w
         return (Step((fy, fx), (fy + MARGIN, fx + MARGIN)),)  # one source pixel of taps each side, and the margin
-    return None
+    kind = module_kind(upsampler)
+    if kind is not None and not kind.whole_map:  # a kind that declares windows exact needs its rule written here
+        raise ConfigError(f"{kind.name}: expected a window rule in featup.upsamplers.window for a kind declared "
+                          "whole_map=False, got none")
+    return None  # successors (whole_map) and unknown upsamplers: whole maps, then the crop
 
 
 @dataclass(frozen=True)
@@ -122,10 +130,21 @@ class CropPlan:
 
 def needs_all_channels(upsampler: nn.Module) -> bool:
     """Whether a channel subset needs every input channel: the JBU's 1x1 fix-up mixes them (a zero fix-up does not),
-    bilinear never does, and any other upsampler is assumed to."""
+    bilinear never does, a successor as its kind declares (``all_channels``), and any other upsampler is assumed to."""
     if isinstance(upsampler, JBUStack):
         return bool(upsampler.fixup_proj[1].weight.detach().ne(0).any())
-    return not isinstance(upsampler, BilinearUpsampler)
+    if isinstance(upsampler, BilinearUpsampler):
+        return False
+    kind = module_kind(upsampler)
+    return kind is None or kind.all_channels
+
+
+def _whole_maps(upsampler: nn.Module, lowres: torch.Tensor, image: torch.Tensor, size: Pair) -> torch.Tensor:
+    """``upsampler`` on whole maps (B, C, *size); one image at a time for a kind whose forward mixes a batch's images."""
+    kind = module_kind(upsampler)
+    if kind is not None and kind.per_image and lowres.shape[0] > 1:
+        return torch.cat([upsampler(lowres[b : b + 1], image[b : b + 1], size) for b in range(lowres.shape[0])])
+    return upsampler(lowres, image, size)
 
 
 @torch.no_grad()
@@ -147,7 +166,7 @@ def upsample_window(upsampler: nn.Module, lowres: torch.Tensor, image: torch.Ten
         size = _scaled(plan.lengths[0], plan.steps[0].scale)
         out = F.interpolate(lowres, size=size, mode="bilinear", align_corners=False)
         return _take(out, [_shift(c[1], c[0], plan.steps[0].scale) for c in corners], plan.lengths[1])
-    out = upsampler(lowres, image, plan.output_size)  # whole maps, then the crops
+    out = _whole_maps(upsampler, lowres, image, plan.output_size)  # whole maps, then the crops
     if channels is not None and needs_all_channels(upsampler):
         out = out[:, list(channels)]
     return _take(out, [c[-1] for c in corners], plan.lengths[-1])

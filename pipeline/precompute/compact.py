@@ -5,6 +5,8 @@ turns them into the features (``stored_upsampler``) into ``_featup/upsampler/`` 
 it on every resume (``ensure_upsampler``). With ``--channels K`` the PCA commutes with the JBU's spatial stages but not
 with its 1x1 fix-up, which mixes channels at low resolution first: the row keeps ``P (I + 0.1 W) x`` and the stored
 JBU has K channels, a zero fix-up and the whole bias (``P 0.1 b + p``), which is what the full store's JBU computes.
+A successor (anyup, jafar, loftup, naf, uplift) is stored as its bare module with its own guidance normalisation; the
+config refuses ``--channels`` with it (``PrecomputeConfig``: no successor commutes with a projection).
 """
 
 from __future__ import annotations
@@ -15,27 +17,32 @@ import torch
 from torch import nn
 
 from featup.errors import ConfigError
+from featup.upsamplers.base import ImageNorm
 from featup.upsamplers.window import jbu_mixed_input
-from pipeline.store.compact import (FEATURES_NOTE, UPSAMPLER_NODE, UpsamplerRecord, constructor_settings, read_upsampler,
-                                    sha256, state_bytes, write_upsampler)
-
-LINEAR_KINDS = ("jbu", "bilinear")  # upsamplers a --channels projection commutes with (its spatial part, for the JBU)
-
-
-def check_compact_model(extractor: Any) -> None:
-    """Refuses a compact setting the extractor's upsampler cannot honour (a projection through a non-linear upsampler)."""
-    kind = extractor.config.upsampler
-    if extractor.config.channels is not None and kind not in LINEAR_KINDS:
-        raise ConfigError(f"--compact with --channels: expected an upsampler linear in the features ({', '.join(LINEAR_KINDS)}), "
-                          f"got {kind!r}: the projection would not commute with it")
+from pipeline.store.compact import (FEATURES_NOTE, UPSAMPLER_NODE, UpsamplerRecord, constructor_settings, constructor_stages,
+                                    read_upsampler, sha256, state_bytes, write_upsampler)
 
 
 def inner_upsampler(extractor: Any) -> nn.Module:
-    """The module that upsamples the stored input: a checkpoint's upsampler without its channel norm."""
+    """The module that upsamples the stored input: a checkpoint's upsampler without its channel norm, a successor
+    without the wrapper that converts the backbone's images to its normalisation."""
     from featup.checkpoint import FeatUpUpsampler
+    from featup.hub import GuidedUpsampler
 
     up = extractor.upsampler
-    return up.upsampler if isinstance(up, FeatUpUpsampler) else up
+    return up.upsampler if isinstance(up, (FeatUpUpsampler, GuidedUpsampler)) else up
+
+
+def guidance_norms(extractor: Any, module: nn.Module) -> tuple[ImageNorm, ImageNorm | None]:
+    """How the stored upsampler's guidance is normalised, and the backbone's normalisation when the pipeline converts
+    the backbone's images to it: a successor's own ``image_norm`` (converted unless equal, as ``GuidedUpsampler``
+    does), else the backbone's (the JBU guides with the backbone's image)."""
+    from featup.upsampler_hub import module_kind
+
+    backbone = ImageNorm(tuple(extractor.backbone.mean), tuple(extractor.backbone.std))
+    if module_kind(module) is None:
+        return backbone, None
+    return module.image_norm, None if module.image_norm == backbone else backbone
 
 
 def compact_input(extractor: Any, lr: torch.Tensor) -> torch.Tensor:
@@ -54,23 +61,27 @@ def compact_input(extractor: Any, lr: torch.Tensor) -> torch.Tensor:
 
 def stored_upsampler(extractor: Any, projection: Any) -> tuple[UpsamplerRecord, bytes]:
     """The record and parameters of the module that upsamples ``compact_input`` (the driver's CPU extractor)."""
-    check_compact_model(extractor)
     config, kind = extractor.config, extractor.config.upsampler
+    if projection is not None and kind not in ("jbu", "bilinear"):  # PrecomputeConfig refuses it first
+        raise ConfigError(f"--channels: expected --upsampler jbu or bilinear with --compact, got --upsampler {kind}")
     module = inner_upsampler(extractor)
     if projection is not None:
         module = _fold_projection(module, projection) if kind == "jbu" else _linear_module(kind, projection.channels)
     state = state_bytes(module)
     provenance = extractor.provenance()
+    norm, backbone_norm = guidance_norms(extractor, module)
     record = UpsamplerRecord(
         kind=kind, dim=int(projection.channels if projection is not None else extractor.backbone.dim),
-        num_stages=int(getattr(module, "num_stages", 1)), settings=constructor_settings(kind, module),
+        num_stages=constructor_stages(module), settings=constructor_settings(kind, module),
         sha256=sha256(state), nbytes=len(state),
-        guidance_mean=tuple(extractor.backbone.mean), guidance_std=tuple(extractor.backbone.std),
+        guidance_mean=tuple(norm.mean), guidance_std=tuple(norm.std),
         lowres_size=tuple(extractor.lowres_size), image_size=(config.image_size, config.image_size),
         output_size=tuple(extractor.output_size),
         source={"checkpoint": config.checkpoint, "checkpoint_sha256": provenance["checkpoint_sha256"],
                 "channel_norm_applied": getattr(extractor.upsampler, "normalize", None) is not None,
                 "projection_folded": projection is not None},
+        backbone_mean=None if backbone_norm is None else tuple(backbone_norm.mean),
+        backbone_std=None if backbone_norm is None else tuple(backbone_norm.std),
     )
     return record, state
 

@@ -17,6 +17,10 @@ DTYPES = ("float16", "bfloat16", "float32")
 DEFAULT_MAX_ERRORS = 0.05  # --max-errors: 5% of all samples
 # implicit: a network fitted to each image (slow); the successors (anyup, jafar, loftup, naf, uplift) run published weights
 UPSAMPLERS = ("jbu", "bilinear", "implicit", *SUCCESSORS)
+FEED_FORWARD = tuple(u for u in UPSAMPLERS if u != "implicit")  # one module for every image: what --compact stores
+# --compact --channels K stores the K projected inputs: only where the projection commutes with the upsampler (the
+# JBU's spatial stages, bilinear resizing, a successor whose kind says so)
+PROJECTABLE = ("jbu", "bilinear", *(name for name, kind in SUCCESSORS.items() if kind.commutes_with_projection))
 KERNEL_BACKENDS = ("auto", "compiled", "eager")  # JBU kernels: torch.compile'd or eager, same results
 # zarr and numpy have no bfloat16: bfloat16 results are stored exactly as float32.
 STORAGE_DTYPES = {"float16": "float16", "bfloat16": "float32", "float32": "float32"}
@@ -224,12 +228,18 @@ def _check_codec(c: PrecomputeConfig) -> None:
 
 
 def _check_compact(c: PrecomputeConfig) -> None:
-    """--compact keeps the upsampler's input losslessly and the one upsampler that turns it into the features."""
+    """--compact keeps the upsampler's input losslessly and the one upsampler that turns it into the features: any
+    feed-forward upsampler, with a --channels projection only where the projection commutes with it."""
     if not c.compact:
         return
     if c.upsampler == "implicit":
-        raise ConfigError("--compact: expected an upsampler shared by every image (jbu, bilinear), got --upsampler "
-                          "implicit: it fits a network to each image, so there is no one upsampler to store with the inputs")
+        raise ConfigError(f"--compact: expected an upsampler shared by every image ({', '.join(FEED_FORWARD)}), got "
+                          "--upsampler implicit: it fits a network to each image, so there is no one upsampler to store "
+                          "with the inputs")
+    if c.channels is not None and c.upsampler not in PROJECTABLE:
+        raise ConfigError(f"--channels: expected it left out with --compact --upsampler {c.upsampler} (a projection commutes "
+                          f"only with an upsampler linear in the features with weights shared by every channel: "
+                          f"{', '.join(PROJECTABLE)}), got --channels {c.channels}")
     lossy = [flag for flag, value in (("--quantize", c.quantize), ("--keep-bits", c.keep_bits)) if value is not None]
     if lossy:
         raise ConfigError(f"--compact: expected no lossy option (it stores the upsampler's input exactly), got {' and '.join(lossy)}")

@@ -80,10 +80,6 @@ class FeatureExtractor:
             raise ConfigError(f"projection: expected a (channels, dim) = {expected} matrix, got {projection.weight.shape}")
         self.projection = projection
         self._weight, self._bias = _projection_tensors(projection, self.device, self.dtype)
-        if config.compact:
-            from pipeline.precompute.compact import check_compact_model
-
-            check_compact_model(self)
 
     @property
     def stride(self) -> int:

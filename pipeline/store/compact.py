@@ -4,7 +4,8 @@ A store written by ``featup precompute --compact`` holds, instead of ``features`
 
     lowres   (N, K, h, w)  what the stored upsampler takes: the backbone's features after the checkpoint's channel norm
                            (with ``--channels K``: projected after the JBU's 1x1 fix-up, which is folded into them)
-    image    (N, S, S, 3)  uint8, the guidance image as the upsampler received it, before normalisation
+    image    (N, S, S, 3)  uint8, the guidance image as the upsampler received it, before normalisation (the JBU's in
+                           the backbone's normalisation, a successor's in its own: the record says which)
     _featup/upsampler/upsampler.json        the record: kind, constructor settings, sizes, guidance normalisation,
                                             and the sha256 of the parameters
     _featup/upsampler/state.safetensors     the upsampler's parameters (safetensors: nothing is unpickled)
@@ -12,7 +13,9 @@ A store written by ``featup precompute --compact`` holds, instead of ``features`
 and the root attributes ``compact: true``, ``upsampler_sha256`` and ``features`` (a note for plain Zarr users). The
 reader upsamples ``features`` where they are read, from the low-res window a crop needs and only the channels asked
 for (``featup.upsamplers.window``), with the stored upsampler only: its bytes are checked against the sha256 of the
-record and of the attributes, and a store whose upsampler was altered is refused by name.
+record and of the attributes, and a store whose upsampler was altered is refused by name. FeatUp's successors
+(anyup, jafar, loftup, naf, uplift) are stored the same way; their kinds declare that they read the whole low-res map
+and every channel, so a crop or a channel subset of theirs costs a whole-map upsampling (``featup.upsampler_hub.Kind``).
 """
 
 from __future__ import annotations
@@ -46,15 +49,20 @@ class UpsamplerRecord:
     kind: str
     dim: int
     num_stages: int
-    settings: dict[str, Any]  # further constructor keywords (the JBU's key_dim, radius, guidance_dim)
+    settings: dict[str, Any]  # further constructor keywords (the JBU's key_dim, radius, guidance_dim; SETTINGS)
     sha256: str  # of the state file's bytes
     nbytes: int
-    guidance_mean: tuple[float, float, float]  # the guidance is (image / 255 - mean) / std, as the model received it
+    guidance_mean: tuple[float, float, float]  # the guidance is (image / 255 - mean) / std, as the model received it:
+    # the backbone's normalisation for the JBU, a successor's own (its ``image_norm``) for the others
     guidance_std: tuple[float, float, float]
     lowres_size: tuple[int, int]
     image_size: tuple[int, int]
     output_size: tuple[int, int]
     source: dict[str, Any] = field(default_factory=dict)  # provenance: checkpoint and its sha256, a folded projection
+    # A successor guided in another normalisation than the backbone's gets the backbone's image converted to its own
+    # (``featup.hub.GuidedUpsampler``): the backbone's, applied first by the same operations (None: no conversion).
+    backbone_mean: tuple[float, float, float] | None = None
+    backbone_std: tuple[float, float, float] | None = None
     input_array: str = "lowres"
     guidance_array: str = "image"
     format: int = RECORD_FORMAT
@@ -69,8 +77,9 @@ class UpsamplerRecord:
             raw = json.loads(data)
             if raw.get("format") != RECORD_FORMAT:
                 raise ValueError(f"record format {raw.get('format')!r}, this version reads {RECORD_FORMAT}")
-            tuples = ("guidance_mean", "guidance_std", "lowres_size", "image_size", "output_size")
-            return cls(**{k: tuple(v) if k in tuples else v for k, v in raw.items()})
+            tuples = ("guidance_mean", "guidance_std", "lowres_size", "image_size", "output_size", "backbone_mean",
+                      "backbone_std")
+            return cls(**{k: tuple(v) if k in tuples and v is not None else v for k, v in raw.items()})
         except (ValueError, TypeError, AttributeError) as e:
             raise InputError(f"{where}: expected a compact store's upsampler record, got {e}") from None
 
@@ -89,9 +98,50 @@ def _jbu_settings(stack: nn.Module) -> dict[str, Any]:
     return {"key_dim": int(first.range_proj[0].out_channels), "radius": int(first.radius), "guidance_dim": int(stack.guidance_dim)}
 
 
-# kind -> the settings of a built module; each upsampler stored in compact stores needs an entry (and a test).
-SETTINGS: dict[str, Callable[[nn.Module], dict[str, Any]]] = {"jbu": _jbu_settings, "bilinear": lambda module: {}}
+def _anyup_settings(m: nn.Module) -> dict[str, Any]:
+    return {"input_dim": int(m.input_dim), "qk_dim": int(m.qk_dim), "kernel_size": int(m.image_encoder[0].kernel_size[0]),
+            "kernel_size_lfu": int(m.key_features_encoder[0].kernel_size), "window_ratio": float(m.cross_decode.window_ratio),
+            "num_heads": int(m.cross_decode.cross_attn.num_heads), "lfu_dim": int(m.lfu_dim)}
+
+
+def _jafar_settings(m: nn.Module) -> dict[str, Any]:  # v_dim is the record's dim
+    return {"input_dim": int(m.input_dim), "qk_dim": int(m.qk_dim), "kernel_size": int(m.image_encoder[0].kernel_size[0]),
+            "num_heads": int(m.num_heads)}
+
+
+def _loftup_settings(m: nn.Module) -> dict[str, Any]:
+    return {"color_feats": bool(m.color_feats), "n_freqs": int(m.image_encoding.n_freqs),
+            "num_heads": int(m.layers[0].attn.num_heads), "num_layers": len(m.layers)}
+
+
+def _naf_settings(m: nn.Module) -> dict[str, Any]:
+    """NAF's own ``dim`` is its guidance width; ``rope_base`` only initialises the ``periods`` buffer, which is loaded."""
+    encoder = m.image_encoder
+    return {"guidance_dim": 2 * int(encoder.encoder[0].out_channels), "heads_attn": int(m.heads_attn),
+            "heads_rope": int(encoder.rope.num_heads), "kernel_size": int(m.kernel_size),
+            "rope_rescale": encoder.rope.rescale, "img_layers": len(encoder.encoder) - 1}
+
+
+def _uplift_settings(m: nn.Module) -> dict[str, Any]:  # its default 2x steps are the record's num_stages
+    return {"patch_size": int(m.patch_size), "encoder_channels": [int(c) for c in m.encoder.channels],
+            "hidden_channels": int(m.decoder.block_0.blocks[0].conv[0].out_channels)}
+
+
+# kind -> the settings of a built module; each upsampler stored in compact stores needs an entry (and a test). Memory
+# knobs (``max_query_pixels``, bands) are left at their defaults: they change how a result is computed, never the result.
+SETTINGS: dict[str, Callable[[nn.Module], dict[str, Any]]] = {
+    "jbu": _jbu_settings, "bilinear": lambda module: {}, "anyup": _anyup_settings, "jafar": _jafar_settings,
+    "loftup": _loftup_settings, "naf": _naf_settings, "uplift": _uplift_settings,
+}
 RUNTIME_OPTIONS: dict[str, Callable[[str], dict[str, Any]]] = {"jbu": lambda backend: {"backend": backend}}
+
+
+def constructor_stages(module: nn.Module) -> int:
+    """The ``num_stages`` that rebuilds ``module``: the JBU's 2x stages, UPLiFT's default 2x steps, else 1 (ignored)."""
+    for name in ("num_stages", "num_steps"):
+        if hasattr(module, name):
+            return int(getattr(module, name))
+    return 1
 
 
 def state_bytes(module: nn.Module) -> bytes:
@@ -164,6 +214,10 @@ class StoredUpsampler(nn.Module):
         self.channels = None if channels is None else tuple(int(c) for c in channels)
         self.register_buffer("mean", torch.tensor(record.guidance_mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(record.guidance_std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+        self.converts = record.backbone_mean is not None
+        backbone = (record.backbone_mean, record.backbone_std) if self.converts else (record.guidance_mean, record.guidance_std)
+        self.register_buffer("backbone_mean", torch.tensor(backbone[0], dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("backbone_std", torch.tensor(backbone[1], dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
 
     @property
     def input_channels(self) -> tuple[int, ...] | None:
@@ -172,10 +226,14 @@ class StoredUpsampler(nn.Module):
 
     def guidance(self, image: torch.Tensor) -> torch.Tensor:
         """uint8 RGB -> normalised float32, the same operations as the pipeline's preprocessing (``/ 255``, ``- mean``,
-        ``/ std``); a float image is taken as already normalised."""
+        ``/ std``), then, for a successor guided in another normalisation, as ``ImageNorm.convert`` (``* std + mean``,
+        ``- mean'``, ``/ std'``): bit for bit what precompute fed it. A float image is taken as already normalised."""
         if image.dtype != torch.uint8:
             return image
-        return (image.float().div_(255.0) - self.mean) / self.std
+        x = (image.float().div_(255.0) - self.backbone_mean) / self.backbone_std  # (B, 3, H, W) as for the backbone
+        if not self.converts:
+            return x
+        return (x * self.backbone_std + self.backbone_mean - self.mean) / self.std
 
     def forward(self, lowres: torch.Tensor, image: torch.Tensor, origin: torch.Tensor | Sequence | None = None) -> torch.Tensor:
         dtype = next(self.inner.parameters(), self.mean).dtype
@@ -215,9 +273,14 @@ class CompactSource:
 
     def upsampler(self, channels: Sequence[int] | None = None, crop: tuple[int, int] | None = None, *,
                   device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> StoredUpsampler:
-        """A new module (its own copy of the parameters) on ``device`` in ``dtype``."""
+        """A new module (its own copy of the parameters) on ``device`` in ``dtype``, or in float32 for a kind computed
+        in float32 whatever the job's dtype (LoftUp's sine encoding), as precompute runs it."""
+        from featup.upsampler_hub import KINDS
+
         inner = build_module(self.record, self.state, self.backend)
-        return StoredUpsampler(self.record, inner, self.plan(crop), channels).to(device=device, dtype=dtype)
+        kind = KINDS.get(self.record.kind)
+        run_dtype = torch.float32 if kind is not None and kind.full_precision else dtype
+        return StoredUpsampler(self.record, inner, self.plan(crop), channels).to(device=device, dtype=run_dtype)
 
     def plan(self, crop: tuple[int, int] | None) -> CropPlan:
         """The crop plan of crops of ``crop`` (None: whole maps)."""
