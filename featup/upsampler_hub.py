@@ -54,8 +54,8 @@ class Kind:
     # are the conservative answers, so a new kind is read exactly before it is read cheaply.
     whole_map: bool = True  # an output pixel may depend on every low-res cell and guidance pixel: a crop is cut from
     # the whole map's output instead of being computed from a window of the low-res map
-    all_channels: bool = True  # a channel's output depends on other channels: a channel subset is cut from the output
-    # of every channel instead of being computed from those channels alone
+    all_channels: bool = True  # a channel's output depends on the other channels (keys computed from them, heads that
+    # weigh channel groups): a channel subset is cut from the output of every channel, not computed from itself alone
     commutes_with_projection: bool = False  # linear in the features with the same weights for every channel: a
     # ``--channels`` PCA of its input is the PCA of its output (what ``--compact --channels`` stores)
 

@@ -129,3 +129,20 @@ def test_compact_channels_are_refused_for_each_successor_in_one_line(kind):
         PrecomputeConfig(inputs=("a.tar",), output="o.zarr", backbone="dino16", upsampler=kind, checkpoint="w.pth",
                          compact=True, channels=8)
     assert "\n" not in str(caught.value)
+
+
+def test_naf_weighs_each_channel_group_by_its_own_head_so_subsets_and_projections_need_every_channel(one_torch_thread):
+    """Why NAF, whose weights come from the image only, still reads every channel and refuses --channels."""
+    from featup.upsampler_hub import KINDS
+
+    naf = successors.small_successor("naf")
+    lowres, image = torch.randn(1, 16, 9, 9, generator=torch.Generator().manual_seed(0)), torch.zeros(1, 3, 72, 72)
+    image[:, :, :36] = 1.0  # an edge: the heads' attention differs
+    projection = torch.randn(4, 16, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        whole = naf(lowres, image)  # (1, 16, 72, 72)
+        projected = naf(torch.einsum("kc,bchw->bkhw", projection, lowres), image)  # (1, 4, 72, 72)
+        subset = naf(lowres[:, [0, 1, 2, 3]], image)  # head 0's group of the 16, one head each of the 4
+    assert float((projected - torch.einsum("kc,bchw->bkhw", projection, whole)).abs().max()) > 1e-3
+    assert float((subset - whole[:, [0, 1, 2, 3]]).abs().max()) > 1e-3
+    assert KINDS["naf"].all_channels and not KINDS["naf"].commutes_with_projection
