@@ -25,6 +25,26 @@ def shared_fixture_dir(name: str) -> Path:
     return path
 
 
+MAX_WORKERS = 4  # each worker may start a 2-CPU local Ray (ray_env): more than four buys little and costs memory
+
+
+def pytest_xdist_auto_num_workers(config) -> int:
+    """``-n auto``: one worker per CPU this process may use, at most MAX_WORKERS (xdist's own count skips hyperthreads)."""
+    return max(1, min(MAX_WORKERS, len(os.sched_getaffinity(0))))
+
+
+def pytest_configure(config) -> None:
+    """In an xdist worker: torch threads (and those of the processes it starts) = this worker's share of the CPUs, so
+    that the workers do not oversubscribe the machine (two 2-thread workers on 2 cores run torch several times slower)."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
+    if workers > 1:
+        share = max(1, len(os.sched_getaffinity(0)) // workers)
+        os.environ.setdefault("OMP_NUM_THREADS", str(share))
+        import torch
+
+        torch.set_num_threads(share)
+
+
 @pytest.fixture(scope="session")
 def official_fixtures() -> Path:
     """Folder of the published FeatUp reference outputs (``../shared/fixtures/featup-official``)."""
