@@ -30,6 +30,7 @@ from pipeline.store.features import FeatureStore  # noqa: E402
 
 BIN = Path(sys.executable).parent
 N_SHARDS, PER_SHARD = 12, 8  # with the slow flag, one actor alone needs ~15 s: time for the other node's actor to start
+NODE_START_TRIES = 2  # a node that timed out in Ray's own start-up wait is started once more (Cluster._start_node)
 START_TIMEOUT_S, JOB_TIMEOUT_S = 90, 240
 
 
@@ -155,18 +156,34 @@ class Cluster:
         self.nodes: list[LocalNode] = []
 
     def start_head(self) -> None:
-        args = ["--head", "--port", str(self.gcs), "--temp-dir", self.temp_dir, "--include-dashboard", "true",
-                "--dashboard-host", "127.0.0.1", "--dashboard-port", str(self.dashboard),
-                "--ray-client-server-port", str(_free_port()), *self._common("node_a"), *_node_ports()]
-        self.nodes.append(LocalNode(args, self.env, self.root / "head.log"))
-        self.wait_for_node("node_a")
+        def head_args() -> list[str]:
+            self.gcs, self.dashboard = _free_port(), _free_port()
+            self.address = f"http://127.0.0.1:{self.dashboard}"
+            return ["--head", "--port", str(self.gcs), "--temp-dir", self.temp_dir, "--include-dashboard", "true",
+                    "--dashboard-host", "127.0.0.1", "--dashboard-port", str(self.dashboard),
+                    "--ray-client-server-port", str(_free_port()), *self._common("node_a"), *_node_ports()]
+
+        self._start_node(head_args, "node_a", self.root / "head.log")
 
     def add_node(self, resource: str) -> LocalNode:
-        node = LocalNode(["--address", f"127.0.0.1:{self.gcs}", *self._common(resource), *_node_ports()], self.env,
-                         self.root / f"{resource}.log")
-        self.nodes.append(node)
-        self.wait_for_node(resource)
-        return node
+        return self._start_node(lambda: ["--address", f"127.0.0.1:{self.gcs}", *self._common(resource), *_node_ports()],
+                                resource, self.root / f"{resource}.log")
+
+    def _start_node(self, make_args, resource: str, log: Path) -> LocalNode:
+        """Starts a node and waits for it. Ray gives a node's raylet a fixed 30 s to register, which a loaded machine
+        (the other test workers busy) can exceed: a node that gave up so is started once more, on fresh ports."""
+        for attempt in range(NODE_START_TRIES):
+            node = LocalNode(make_args(), self.env, log)
+            self.nodes.append(node)
+            try:
+                self.wait_for_node(resource)
+                return node
+            except AssertionError:
+                if attempt + 1 == NODE_START_TRIES or "timed out during startup" not in log.read_text():
+                    raise
+                node.stop()
+                self.nodes.remove(node)
+        raise AssertionError("unreachable")
 
     def _common(self, resource: str) -> list[str]:
         return ["--num-cpus", "1", "--num-gpus", "0", "--object-store-memory", str(100 * 2**20),

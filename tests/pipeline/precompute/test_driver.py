@@ -141,13 +141,13 @@ def test_a_second_job_is_refused_and_a_killed_actor_is_replaced_and_the_store_eq
     outcome = {}
     try:
         thread = _run_in_thread(config, outcome)
-        helpers.wait_for(lambda: lock.exists() or not thread.is_alive(), 60, "the first job's lock")
+        helpers.wait_for(lambda: lock.exists() or not thread.is_alive(), 180, "the first job's lock")
         assert thread.is_alive(), outcome
         with pytest.raises(StoreLockedError, match="expected no other job writing to it"):
             run_precompute(config, out=io.StringIO(), err=io.StringIO())
         with pytest.raises(StoreLockedError):
             run_precompute(helpers.tiny_config(env["shards"], config.output, overwrite=True), out=io.StringIO(), err=io.StringIO())
-        victim = helpers.wait_for(helpers.busy_actor, 60, "an actor part-way through a shard")
+        victim = helpers.wait_for(helpers.busy_actor, 180, "an actor part-way through a shard")
         import ray
 
         os.kill(ray.get(victim.pid.remote()), signal.SIGKILL)
@@ -325,7 +325,9 @@ def test_materialize_after_a_killed_actor_equals_the_full_store_of_the_same_comm
 
     thread = threading.Thread(target=materialize, daemon=True)
     thread.start()
-    victim = helpers.wait_for(helpers.busy_actor, 60, "a materialize actor part-way through a shard")
+    victim = helpers.wait_for(lambda: helpers.busy_actor() or not thread.is_alive(), 180,
+                              "a materialize actor part-way through a shard")
+    assert victim is not True, f"the job ended before an actor was caught part-way through a shard: {outcome}"
     import ray
 
     os.kill(ray.get(victim.pid.remote()), signal.SIGKILL)

@@ -132,9 +132,9 @@ def test_a_worker_killed_while_it_writes_a_large_row_is_redone_equal(env, ray_en
         thread = threading.Thread(target=lambda: outcome.update(
             code=run_precompute(config, out=io.StringIO(), err=io.StringIO(), json_output=True)))
         thread.start()
-        actor = helpers.wait_for(helpers.busy_actor, 120, "an actor part-way through a shard")
+        actor = helpers.wait_for(helpers.busy_actor, 180, "an actor part-way through a shard")
         written = tmp_path / "out.zarr" / "features" / "c"
-        helpers.wait_for(lambda: written.exists() and any(written.rglob("*")), 60, "the first rows written")
+        helpers.wait_for(lambda: written.exists() and any(written.rglob("*")), 180, "the first rows written")
         os.kill(ray.get(actor.pid.remote()), signal.SIGKILL)  # between (or inside) the writes of its rows
     finally:
         ray_env.flag.unlink()

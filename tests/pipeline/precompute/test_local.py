@@ -99,7 +99,7 @@ def test_closing_the_pool_mid_shard_stops_the_shard_uncommitted_and_the_process_
     try:
         pool = LocalPool(config, projection=projection, run_id="run-1")
         pool.fill(1)
-        helpers.wait_for(lambda: pool.poll() or pool.idle(), 60, "the worker to be built")
+        helpers.wait_for(lambda: pool.poll() or pool.idle(), 180, "the worker to be built")
         (slot,) = pool.idle()
         assert slot.info["torch_threads"] == 1 and slot.info["node_id"] == "local"
         with helpers.slow_forwards():
