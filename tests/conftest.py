@@ -33,6 +33,31 @@ def pytest_xdist_auto_num_workers(config) -> int:
     return max(1, min(MAX_WORKERS, len(os.sched_getaffinity(0))))
 
 
+# The modules that take a minute or more (``--durations``, a cold inductor cache), heaviest first. xdist's loadscope
+# hands each worker one module at a time in collection order: these run first so that no long module starts last and
+# holds the run while the other workers sit idle (pyproject: --no-loadscope-reorder keeps this order).
+RUN_FIRST = (
+    "tests/jobs/test_evaluate.py",
+    "tests/jobs/test_submit.py",
+    "tests/featup/upsamplers/test_jbu.py",
+    "tests/pipeline/precompute/test_faults.py",
+    "tests/jobs/test_train_jbu.py",
+    "tests/jobs/test_precompute.py",
+    "tests/pipeline/precompute/test_driver.py",
+    "tests/featup/ops/test_upsample_filter.py",
+    "tests/pipeline/precompute/test_pool.py",
+    "tests/featup/ops/test_adaptive_conv.py",
+    "tests/featup/test_checkpoint.py",
+    "tests/pipeline/store/test_faults.py",
+)
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """Moves the RUN_FIRST modules to the front, in that order; every other test keeps its place."""
+    rank = {path: i for i, path in enumerate(RUN_FIRST)}
+    items.sort(key=lambda item: rank.get(item.nodeid.split("::", 1)[0], len(rank)))  # stable: the rest keep their order
+
+
 def pytest_configure(config) -> None:
     """In an xdist worker: torch threads (and those of the processes it starts) = this worker's share of the CPUs, so
     that the workers do not oversubscribe the machine (two 2-thread workers on 2 cores run torch several times slower)."""

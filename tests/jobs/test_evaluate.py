@@ -16,7 +16,7 @@ from PIL import Image
 from jobs.cli import EXIT_FAILED, EXIT_OK, EXIT_USAGE, SUBCOMMANDS, main
 from pipeline.evaluate.scoring import JBU_TARGET
 
-TINY = ["--image-size", "64", "--train-images", "32", "--test-images", "3", "--jbu-steps", "150", "--batch-size", "4",
+TINY = ["--image-size", "64", "--train-images", "32", "--test-images", "3", "--jbu-steps", "100", "--batch-size", "4",
         "--n-jitters", "3", "--implicit-steps", "100", "--implicit-views", "64", "--threads", "1", "--seed", "0"]
 
 
