@@ -7,11 +7,13 @@
    upsampled on the GPU by ``reader.upsampler(device="cuda")``; whole maps and the usual training read (a random 112
    crop of 64 channels); locally and on moto's S3 server. Bytes read are what the read touches: tiles of the full
    store's rows, the low-res and image windows of the compact store's.
+   The compact store's guidance image with its stored codec (the store's default, a Zarr spec codec) against PNG and
+   lossless WebP (Pillow) of the same uint8 images: what a non-spec image codec would save.
 3. ``featup precompute --compact`` wall-clock steady state ((T(2n) - T(n)) / n, as bench_precompute.py) against the
    backbone alone in one process (the compact job's model step: backbone, channel norm, float16): target >= 0.9.
 
     python bench/bench_compact.py [--images 12] [--workers 2] [--batch-size 4] [--kernel-backend auto|eager]
-                                  [--skip-s3] [--skip-precompute | --only-precompute]
+                                  [--skip-s3] [--skip-precompute | --only-precompute | --only-image-codecs]
 """
 
 from __future__ import annotations
@@ -41,10 +43,11 @@ KERNELS = "auto"
 READS = {"whole maps": dict(), "112 crop, 64 channels": dict(crop=112, channels=range(64))}
 
 
-def make_stores(root: Path, shards: list[str], args: argparse.Namespace) -> dict[str, str]:
-    """One store per variant, written by the real command."""
+def make_stores(root: Path, shards: list[str], args: argparse.Namespace,
+                only: tuple[str, ...] = tuple(VARIANTS)) -> dict[str, str]:
+    """One store per variant (of those in ``only``), written by the real command."""
     stores = {}
-    for i, (label, flags) in enumerate(VARIANTS.items()):
+    for i, (label, flags) in enumerate((label, flags) for label, flags in VARIANTS.items() if label in only):
         url = root / f"store{i}.zarr"
         run = argparse.Namespace(**{**vars(args), "extra": [*flags, "--batch-size", str(args.batch_size)]})
         seconds = command_seconds(shards, url, run)
@@ -57,6 +60,27 @@ def row_bytes(url: str, options: dict | None = None) -> dict[str, float]:
     """Stored bytes per row of each array."""
     store = FeatureStore.open(url, options, mode="r")
     return {name: store.array(name).nbytes_stored() / store.num_rows for name in store.array_names}
+
+
+def print_image_codecs(url: str, stored_bytes: float) -> None:
+    """The compact store's uint8 guidance images: raw, as stored (the store's codec), and as PNG and lossless WebP."""
+    import io
+
+    from PIL import Image
+
+    store = FeatureStore.open(url, None, mode="r")
+    images = store.array("image")[:]  # (N, H, W, 3) uint8
+    encoded = {"PNG": 0, "WebP lossless": 0}
+    for image in images:
+        for name, options in (("PNG", {"format": "PNG"}), ("WebP lossless", {"format": "WEBP", "lossless": True})):
+            buffer = io.BytesIO()
+            Image.fromarray(image).save(buffer, **options)
+            encoded[name] += len(buffer.getvalue())
+    raw = images[0].nbytes
+    sizes = {"stored (store codec)": stored_bytes, **{name: b / len(images) for name, b in encoded.items()}}
+    print(f"guidance image per sample, {len(images)} images, raw {raw / 1e3:.1f} KB:")
+    for name, size in sizes.items():
+        print(f"  {name:<22} {size / 1e3:7.1f} KB  ({raw / size:4.2f}x smaller than raw)")
 
 
 def touched(url: str, crop: int | None) -> dict[str, float]:
@@ -153,6 +177,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--skip-s3", action="store_true")
     parser.add_argument("--skip-precompute", action="store_true", help="leave out part 3 (precompute --compact timing)")
     parser.add_argument("--only-precompute", action="store_true", help="part 3 only")
+    parser.add_argument("--only-image-codecs", action="store_true", help="the compact store's image codecs only")
     parser.add_argument("--repeats", type=int, default=1, help="rounds of part 3; its figures are their median")
     args = parser.parse_args(argv)
     args.extra = []
@@ -164,9 +189,14 @@ def main(argv: list[str] | None = None) -> None:
             print_precompute(root, args)
             return
         shards = write_shards(root / "n", args.images)
+        if args.only_image_codecs:
+            stores = make_stores(root, shards, args, only=("compact",))
+            print_image_codecs(stores["compact"], row_bytes(stores["compact"])["image"])
+            return
         stores = make_stores(root, shards, args)
         rows = {label: row_bytes(url) for label, url in stores.items()}
         print_bytes(rows)
+        print_image_codecs(stores["compact"], rows["compact"]["image"])
         lines = read_table(stores, {}, "local", args, rows, stores)
         if not args.skip_s3:
             with moto_server() as options:
