@@ -201,7 +201,10 @@ def array_specs(plan: Plan, labels: dict[str, tuple[tuple[int, ...], str]]) -> l
             specs.append(ArraySpec(name, shape, dtype, ("channel",)))
     s = plan.config.image_size
     if plan.config.save_image or plan.config.compact:  # compact: the guidance image, stored losslessly
-        specs.append(ArraySpec("image", (s, s, 3), "uint8", ("image_y", "image_x", "rgb"), spatial_axes=(0, 1)))
+        # A compact row's image is one chunk: a crop is upsampled from a window of it anyway, and one chunk writes in a
+        # quarter of the time of 16 tiles and their shard index (1.9 against 8.1 ms per 224 image on one core).
+        tiles = None if plan.config.compact else (0, 1)
+        specs.append(ArraySpec("image", (s, s, 3), "uint8", ("image_y", "image_x", "rgb"), spatial_axes=tiles))
     for name, (shape, dtype) in labels.items():
         extra = tuple(f"{name.replace('.', '_')}_{i}" for i in range(2, len(shape)))
         specs.append(ArraySpec(name, shape, dtype, ("image_y", "image_x", *extra), spatial_axes=(0, 1)))
