@@ -116,7 +116,7 @@ def local_ray(root: Path) -> Iterator[RayEnv]:
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     sys.path.insert(0, str(ray_env.modules))
-    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING")  # never another job's Ray
+    start_local_ray()
     try:
         yield ray_env
     finally:
@@ -127,6 +127,29 @@ def local_ray(root: Path) -> Iterator[RayEnv]:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+def start_local_ray() -> None:
+    """The 2-CPU local Ray of ``local_ray`` (never another job's Ray), joined by this process."""
+    import ray
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING")
+
+
+@contextmanager
+def ray_paused() -> Iterator[None]:
+    """This process without Ray for the block: the session's local Ray (``ray_env``), if an earlier test on this
+    pytest worker started it, is stopped and started again after, for tests that check a command starts no Ray."""
+    import ray
+
+    if not ray.is_initialized():
+        yield
+        return
+    ray.shutdown()
+    try:
+        yield
+    finally:
+        start_local_ray()
 
 
 def tiny_config(inputs: Any, output: str, **overrides: Any):

@@ -19,6 +19,7 @@ import pytest
 
 from tests.helpers import corpus
 from tests.helpers.faultproxy import FaultProxy
+from tests.helpers.precompute import ray_paused
 
 from jobs.cli import main  # noqa: E402
 
@@ -27,6 +28,14 @@ MODEL = ["--backbone", "featup_tiny_net:tiny", "--weights", "random", "--image-s
 AWS_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_DEFAULT_PROFILE",
            "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI", "AWS_CONTAINER_CREDENTIALS_FULL_URI", "AWS_WEB_IDENTITY_TOKEN_FILE",
            "AWS_ROLE_ARN")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def no_ray_in_this_process():
+    """A refused command must start no Ray: the check means something only where none runs yet (under xdist an
+    earlier module on this worker may have started the session's Ray; it is paused for this module)."""
+    with ray_paused():
+        yield
 
 
 @pytest.fixture(scope="module")
