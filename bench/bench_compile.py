@@ -18,28 +18,28 @@ import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_upsamplers, when run from anywhere
 
 
 def first_calls(device: str, threads: int | None) -> dict[str, float]:
-    """Seconds of the first and the second call, in this process."""
+    """Seconds of the first and the second call, in this process (model and inputs as bench_upsamplers builds them)."""
     import torch
 
-    from featup.upsamplers import build_upsampler
+    from bench_upsamplers import build, inputs, sync
 
     if threads is not None:
         torch.set_num_threads(threads)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        model = build_upsampler("jbu", 384, num_stages=4, backend="compiled", device=torch.device(device)).eval()
-    lr_feats = torch.randn(1, 384, 14, 14, device=device)  # (B, C, h, w)
-    image = torch.randn(1, 3, 224, 224, device=device)  # (B, 3, H, W)
+    where = torch.device(device)
+    model = build("jbu", 384, where, "compiled")
+    lr_feats, image = inputs(1, 224, 14, 384, where)  # (B, C, h, w), (B, 3, H, W)
     seconds = []
     with torch.inference_mode():
         for _ in range(2):
             start = time.perf_counter()
             model(lr_feats, image)
-            if device == "cuda":
-                torch.cuda.synchronize()
+            sync(where)
             seconds.append(time.perf_counter() - start)
     return {"first_s": seconds[0], "second_s": seconds[1], "threads": torch.get_num_threads()}
 
