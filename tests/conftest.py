@@ -58,6 +58,32 @@ def pytest_collection_modifyitems(config, items) -> None:
     items.sort(key=lambda item: rank.get(item.nodeid.split("::", 1)[0], len(rank)))  # stable: the rest keep their order
 
 
+# Every test parametrised with backend="compiled" (a "compiled" token in its parameter id) goes to one xdist worker,
+# where each kernel variant (grad mode, dtype, layout, batch of 1 or more) compiles once and later tests reuse it in
+# process; spread over the workers, they compiled the same variants again (13 CPU minutes with a cold cache). The kernel
+# tests therefore use the variants the JBU tests use: float32, a batch of 2, forward checks under inference_mode.
+COMPILED_SCOPE = "compiled-kernels"
+
+
+def _is_compiled_kernel_test(nodeid: str) -> bool:
+    params = nodeid.rpartition("[")[2].rstrip("]") if nodeid.endswith("]") else ""
+    return "compiled" in params.split("-")
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """``--dist loadscope`` with one more scope: a module's tests (and so its module-scoped fixtures) go to one worker,
+    and so do all the compiled-kernel tests."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ModuleOrCompiledScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return COMPILED_SCOPE if _is_compiled_kernel_test(nodeid) else super()._split_scope(nodeid)
+
+    if config.getvalue("dist") != "loadscope":
+        return None  # any other --dist: xdist's own scheduler
+    return ModuleOrCompiledScheduling(config, log)
+
+
 def pytest_configure(config) -> None:
     """In an xdist worker: torch threads (and those of the processes it starts) = this worker's share of the CPUs, so
     that the workers do not oversubscribe the machine (two 2-thread workers on 2 cores run torch several times slower)."""

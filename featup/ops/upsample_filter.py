@@ -84,6 +84,20 @@ def _make_compose(diameter: int):
     return compose
 
 
+def _make_compose_eager(diameter: int):
+    """Eager composed weights: the same two contractions as two ``einsum`` (batched matmuls), not 56 broadcast products."""
+
+    def compose_eager(filters: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+        # filters (B, D*D, H, W); rows (D, K, H); cols (D, K, W) -> (B, K*K, H, W)
+        b, _, h, w = filters.shape
+        f = filters.view(b, diameter, diameter, h, w)
+        by_cols = torch.einsum("bijyx,jex->bieyx", f, cols)  # (B, D, K, H, W)
+        kernel = torch.einsum("bieyx,iay->baeyx", by_cols, rows)  # (B, K, K, H, W)
+        return kernel.reshape(b, -1, h, w)
+
+    return compose_eager
+
+
 def _make_composed_taps(width: int):
     """Taps over the source at half resolution: one nearest-upsampled view, then K*K shifted slices."""
 
@@ -104,28 +118,79 @@ def _make_composed_taps(width: int):
     return composed_taps
 
 
+def _taps_forward(source_padded: torch.Tensor, kernel: torch.Tensor, width: int) -> torch.Tensor:
+    """For each output parity, in-place ``addcmul_`` over half-resolution views, then interleave -> (B, C, 2h, 2w)."""
+    source_padded = source_padded.contiguous(memory_format=torch.channels_last)
+    b, c = source_padded.shape[:2]
+    h, w = kernel.shape[2] // 2, kernel.shape[3] // 2
+    acc_dtype = torch.promote_types(torch.promote_types(source_padded.dtype, kernel.dtype), torch.float32)
+    rows = []
+    for py in range(2):
+        cols = []
+        for px in range(2):
+            k = kernel[:, :, py::2, px::2]  # (B, K*K, h, w)
+            out = torch.zeros(b, h, w, c, device=kernel.device, dtype=acc_dtype).permute(0, 3, 1, 2)  # channels-last
+            for i in range(width):
+                for j in range(width):
+                    t = i * width + j
+                    out.addcmul_(source_padded[:, :, i : i + h, j : j + w], k[:, t : t + 1])
+            cols.append(out.permute(0, 2, 3, 1))  # (B, h, w, C)
+        rows.append(torch.stack(cols, dim=3))  # (B, h, w, 2, C)
+    out = torch.stack(rows, dim=2).view(b, 2 * h, 2 * w, c)  # (B, 2h, 2w, C)
+    return out.permute(0, 3, 1, 2)  # (B, C, 2h, 2w), channels-last
+
+
+def _taps_backward(
+    grad_out: torch.Tensor, source_padded: torch.Tensor, kernel: torch.Tensor, width: int, needs: tuple[bool, ...]
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Gradients of ``_taps_forward`` accumulated in place, tap by tap (autograd of the forward allocates a whole
+    source-sized gradient per shifted view: about 200 per stage)."""
+    h, w = kernel.shape[2] // 2, kernel.shape[3] // 2
+    acc_dtype = torch.promote_types(grad_out.dtype, torch.float32)
+    grad_source = torch.zeros_like(source_padded, dtype=acc_dtype) if needs[0] else None  # (B, C, hp, wp)
+    grad_kernel = torch.empty_like(kernel, dtype=acc_dtype) if needs[1] else None  # (B, K*K, 2h, 2w)
+    for py in range(2):
+        for px in range(2):
+            g = grad_out[:, :, py::2, px::2]  # (B, C, h, w)
+            k = kernel[:, :, py::2, px::2]  # (B, K*K, h, w)
+            for i in range(width):
+                for j in range(width):
+                    t = i * width + j
+                    shifted = source_padded[:, :, i : i + h, j : j + w]
+                    if grad_kernel is not None:
+                        torch.sum(g * shifted, dim=1, out=grad_kernel[:, t, py::2, px::2])
+                    if grad_source is not None:
+                        grad_source[:, :, i : i + h, j : j + w].addcmul_(g, k[:, t : t + 1])
+    return (
+        grad_source.to(source_padded.dtype) if grad_source is not None else None,
+        grad_kernel.to(kernel.dtype) if grad_kernel is not None else None,
+    )
+
+
+class _ComposedTapsEager(torch.autograd.Function):
+    """The eager taps with a hand-written backward (3x fewer operations than autograd of the in-place forward)."""
+
+    @staticmethod
+    def forward(ctx, source_padded: torch.Tensor, kernel: torch.Tensor, width: int) -> torch.Tensor:
+        ctx.width = width
+        ctx.save_for_backward(source_padded, kernel)
+        return _taps_forward(source_padded, kernel, width)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out: torch.Tensor):
+        source_padded, kernel = ctx.saved_tensors
+        grad_source, grad_kernel = _taps_backward(grad_out, source_padded, kernel, ctx.width, ctx.needs_input_grad)
+        return grad_source, grad_kernel, None
+
+
 def _make_composed_taps_eager(width: int):
-    """Eager taps: for each output parity, in-place ``addcmul_`` over half-resolution views, then interleave."""
+    """Eager taps: in-place accumulation per output parity; the backward accumulates in place too."""
 
     def composed_taps_eager(source_padded: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
-        source_padded = source_padded.contiguous(memory_format=torch.channels_last)
-        b, c = source_padded.shape[:2]
-        h, w = kernel.shape[2] // 2, kernel.shape[3] // 2
-        acc_dtype = torch.promote_types(torch.promote_types(source_padded.dtype, kernel.dtype), torch.float32)
-        rows = []
-        for py in range(2):
-            cols = []
-            for px in range(2):
-                k = kernel[:, :, py::2, px::2]  # (B, K*K, h, w)
-                out = torch.zeros(b, h, w, c, device=kernel.device, dtype=acc_dtype).permute(0, 3, 1, 2)  # channels-last
-                for i in range(width):
-                    for j in range(width):
-                        t = i * width + j
-                        out.addcmul_(source_padded[:, :, i : i + h, j : j + w], k[:, t : t + 1])
-                cols.append(out.permute(0, 2, 3, 1))  # (B, h, w, C)
-            rows.append(torch.stack(cols, dim=3))  # (B, h, w, 2, C)
-        out = torch.stack(rows, dim=2).view(b, 2 * h, 2 * w, c)  # (B, 2h, 2w, C)
-        return out.permute(0, 3, 1, 2)  # (B, C, 2h, 2w), channels-last
+        if torch.is_grad_enabled() and (source_padded.requires_grad or kernel.requires_grad):
+            return _ComposedTapsEager.apply(source_padded, kernel, width)
+        return _taps_forward(source_padded, kernel, width)
 
     return composed_taps_eager
 
@@ -137,7 +202,7 @@ def _sum(terms: list[torch.Tensor]) -> torch.Tensor:
     return out
 
 
-_COMPOSE = LazyCompiled(_make_compose)
+_COMPOSE = LazyCompiled(_make_compose, _make_compose_eager)
 _COMPOSED_TAPS = LazyCompiled(_make_composed_taps, _make_composed_taps_eager)
 
 
