@@ -14,6 +14,7 @@
 
     python bench/bench_compact.py [--images 12] [--workers 2] [--batch-size 4] [--kernel-backend auto|eager]
                                   [--skip-s3] [--skip-precompute | --only-precompute | --only-image-codecs]
+                                  [--repeats 1] [--per-shard 6]
 """
 
 from __future__ import annotations
@@ -179,6 +180,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--only-precompute", action="store_true", help="part 3 only")
     parser.add_argument("--only-image-codecs", action="store_true", help="the compact store's image codecs only")
     parser.add_argument("--repeats", type=int, default=1, help="rounds of part 3; its figures are their median")
+    parser.add_argument("--per-shard", type=int, default=6,
+                        help="samples per shard of part 3 (each shard's commit is two synced writes; real shards hold hundreds)")
     args = parser.parse_args(argv)
     args.extra = []
     global KERNELS
@@ -228,14 +231,15 @@ def print_bytes(rows: dict[str, dict[str, float]]) -> None:
 
 
 def print_precompute(root: Path, args: argparse.Namespace) -> None:
-    small, large = write_shards(root / "pn", args.images), write_shards(root / "p2n", 2 * args.images)
+    small, large = (write_shards(root / f"p{k}n", k * args.images, args.per_shard) for k in (1, 2))
     run = argparse.Namespace(**{**vars(args), "extra": ["--compact"]})
     command_seconds(small[:1], root / "warm.zarr", run)
     runs = [command_times(root, small, large, run, f"compact-{r}") for r in range(args.repeats)]
     t_n, t_2n = statistics.median(a for a, _ in runs), statistics.median(b for _, b in runs)
     pipeline = statistics.median((b - a) / args.images for a, b in runs)
     model = backbone_alone(small, root, args)
-    print(f"\nfeatup precompute --compact, {args.backbone} (random weights), {os.cpu_count()} CPUs, median of {args.repeats} "
+    print(f"\nfeatup precompute --compact, {args.backbone} (random weights), {os.cpu_count()} CPUs, {args.per_shard} images per "
+          f"shard, median of {args.repeats} "
           f"round(s): T(n={args.images}) = {t_n:.1f} s, T(2n) = {t_2n:.1f} s; steady state {pipeline:.3f} s/image; backbone "
           f"alone {model:.3f} s/image; ratio backbone / pipeline {model / pipeline:.2f} (target >= 0.9)")
 

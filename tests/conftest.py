@@ -58,26 +58,27 @@ def pytest_collection_modifyitems(config, items) -> None:
     items.sort(key=lambda item: rank.get(item.nodeid.split("::", 1)[0], len(rank)))  # stable: the rest keep their order
 
 
-# Every test parametrised with backend="compiled" (a "compiled" token in its parameter id) goes to one xdist worker,
-# where each kernel variant (grad mode, dtype, layout, batch of 1 or more) compiles once and later tests reuse it in
-# process; spread over the workers, they compiled the same variants again (13 CPU minutes with a cold cache). The kernel
-# tests therefore use the variants the JBU tests use: float32, a batch of 2, forward checks under inference_mode.
-COMPILED_SCOPE = "compiled-kernels"
-
-
-def _is_compiled_kernel_test(nodeid: str) -> bool:
-    params = nodeid.rpartition("[")[2].rstrip("]") if nodeid.endswith("]") else ""
-    return "compiled" in params.split("-")
+# Every test parametrised with backend="compiled" (a "compiled" token in its parameter id) goes to one of two xdist
+# scopes, forward or gradient checks, where each kernel variant (grad mode, dtype, layout, batch of 1 or more) compiles
+# once and later tests reuse it in process; spread over the workers by module, they compiled the same variants again.
+# The two scopes share no variant, so they may run on two workers at once. The kernel tests therefore use the variants
+# the JBU tests use: float32, a batch of 2, forward checks under inference_mode.
+def compiled_kernel_scope(nodeid: str) -> str | None:
+    """``compiled-gradients`` or ``compiled-forward`` for a compiled-kernel test, else None."""
+    name, _, params = nodeid.rpartition("::")[2].partition("[")
+    if "compiled" not in params.rstrip("]").split("-"):
+        return None
+    return "compiled-gradients" if "gradient" in name or "backward" in name else "compiled-forward"
 
 
 def pytest_xdist_make_scheduler(config, log):
-    """``--dist loadscope`` with one more scope: a module's tests (and so its module-scoped fixtures) go to one worker,
-    and so do all the compiled-kernel tests."""
+    """``--dist loadscope`` with two more scopes: a module's tests (and so its module-scoped fixtures) go to one worker,
+    and so do the compiled-kernel tests of each ``compiled_kernel_scope``."""
     from xdist.scheduler import LoadScopeScheduling
 
     class ModuleOrCompiledScheduling(LoadScopeScheduling):
         def _split_scope(self, nodeid: str) -> str:
-            return COMPILED_SCOPE if _is_compiled_kernel_test(nodeid) else super()._split_scope(nodeid)
+            return compiled_kernel_scope(nodeid) or super()._split_scope(nodeid)
 
     if config.getvalue("dist") != "loadscope":
         return None  # any other --dist: xdist's own scheduler

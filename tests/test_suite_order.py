@@ -1,10 +1,10 @@
-"""The suite's own scheduling settings (tests/conftest.py) name modules that exist."""
+"""The suite's own scheduling settings (tests/conftest.py): the modules it names exist, the compiled-kernel scopes."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from tests.conftest import RUN_FIRST
+from tests.conftest import RUN_FIRST, compiled_kernel_scope
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -12,3 +12,16 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_every_module_run_first_exists_once():
     assert len(set(RUN_FIRST)) == len(RUN_FIRST)
     assert [path for path in RUN_FIRST if not (ROOT / path).is_file()] == []
+
+
+def test_compiled_kernel_tests_get_the_scope_of_their_check_and_other_tests_none():
+    cases = {
+        "tests/featup/upsamplers/test_jbu.py::test_gradients_match_autograd_of_published_math[composed-compiled]": "compiled-gradients",
+        "tests/featup/ops/test_adaptive_conv.py::test_adaptive_conv_backward_matches_autograd_of_reference[compiled]": "compiled-gradients",
+        "tests/featup/test_checkpoint.py::test_reproduces_published_outputs[jbu_c64_14x14_to_224x224-compiled-composed]": "compiled-forward",
+        "tests/featup/ops/test_upsample_filter.py::test_matches_upsample_then_filter[compiled-2-5-3-7-7]": "compiled-forward",
+        "tests/featup/upsamplers/test_jbu.py::test_gradients_match_autograd_of_published_math[composed-eager]": None,
+        "tests/featup/ops/test_compiled.py::test_compiles_wait_for_the_machine_lock": None,
+        "tests/jobs/test_precompute.py::test_x[not_compiled_here]": None,
+    }
+    assert {nodeid: compiled_kernel_scope(nodeid) for nodeid in cases} == cases
