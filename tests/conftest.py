@@ -62,7 +62,7 @@ def pytest_collection_modifyitems(config, items) -> None:
 # to one worker, where each kernel variant (grad mode, dtype, layout, batch of 1 or more) compiles once and later tests
 # reuse it in process; spread over the workers by module, they compiled the same variants again. The kernel tests
 # therefore use the variants the JBU tests use: float32, a batch of 2, forward checks under inference_mode. (Two scopes,
-# forward and gradients, compiling on both workers at once, made a cold run 17.8 instead of 15.3 minutes here.)
+# forward and gradients, compiling on both workers at once, gave a cold run of 17.8 minutes here; one scope 15.3 and 16.0.)
 COMPILED_SCOPE = "compiled-kernels"
 
 

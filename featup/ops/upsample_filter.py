@@ -168,7 +168,8 @@ def _taps_backward(
 
 
 class _ComposedTapsEager(torch.autograd.Function):
-    """The eager taps with a hand-written backward (3x fewer operations than autograd of the in-place forward)."""
+    """The eager taps with a hand-written backward: 3.5x to 8.8x faster than autograd of the in-place forward
+    (``bench/bench_eager_backward.py``), whose gradients it equals to float rounding."""
 
     @staticmethod
     def forward(ctx, source_padded: torch.Tensor, kernel: torch.Tensor, width: int) -> torch.Tensor:
