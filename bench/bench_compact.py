@@ -10,7 +10,9 @@
    The compact store's guidance image with its stored codec (the store's default, a Zarr spec codec) against PNG and
    lossless WebP (Pillow) of the same uint8 images: what a non-spec image codec would save.
 3. ``featup precompute --compact`` wall-clock steady state ((T(2n) - T(n)) / n, as bench_precompute.py) against the
-   backbone alone in one process (the compact job's model step: backbone, channel norm, float16): target >= 0.9.
+   backbone alone in one process (the compact job's model step: backbone, channel norm, float16): target >= 0.9. Also
+   the CPU seconds per image of decoding and of writing the compact rows, and the ratio they allow when they share the
+   model's cores (bench_precompute.py's shared-cores estimate): the bound of a CPU-only machine.
 
     python bench/bench_compact.py [--images 12] [--workers 2] [--batch-size 4] [--kernel-backend auto|eager]
                                   [--skip-s3] [--skip-precompute | --only-precompute | --only-image-codecs]
@@ -34,7 +36,7 @@ from torch.utils.data import DataLoader
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_precompute import command_seconds, command_times, write_shards  # noqa: E402
+from bench_precompute import command_seconds, command_times, model_costs, write_shards  # noqa: E402
 from bench_reader import moto_server  # noqa: E402
 from pipeline.store.features import FeatureStore  # noqa: E402
 from pipeline.store.reader import open_features  # noqa: E402
@@ -146,28 +148,6 @@ def read_table(stores: dict[str, str], options: dict, where: str, args: argparse
     return lines
 
 
-def backbone_alone(shards: list[str], root: Path, args: argparse.Namespace) -> float:
-    """Seconds per image of the compact job's model step (backbone, norm, float16) on decoded images, in this process."""
-    from pipeline.precompute.config import PrecomputeConfig
-    from pipeline.precompute.extract import FeatureExtractor
-    from pipeline.precompute.plan import decode_spec
-    from pipeline.sources.decode import DecodedSample, decode_sample
-    from pipeline.sources.shards import iter_shard_samples
-
-    config = PrecomputeConfig(inputs=tuple(shards), output=str(root / "x.zarr"), backbone=args.backbone, weights="random",
-                              compact=True)
-    torch.set_num_threads(os.cpu_count() or 1)
-    extractor = FeatureExtractor(config)
-    spec = decode_spec(config, extractor)
-    images = [d.image for url in shards for s in iter_shard_samples(url) if isinstance(d := decode_sample(s, spec), DecodedSample)]
-    batches = [torch.stack(images[i : i + config.batch_size]) for i in range(0, len(images), config.batch_size)]
-    extractor(batches[0])
-    start = time.perf_counter()
-    for batch in batches:
-        extractor(batch)
-    return (time.perf_counter() - start) / len(images)
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=12, help="images per store (and n of the precompute timing)")
@@ -237,11 +217,15 @@ def print_precompute(root: Path, args: argparse.Namespace) -> None:
     runs = [command_times(root, small, large, run, f"compact-{r}") for r in range(args.repeats)]
     t_n, t_2n = statistics.median(a for a, _ in runs), statistics.median(b for _, b in runs)
     pipeline = statistics.median((b - a) / args.images for a, b in runs)
-    model = backbone_alone(small, root, args)
-    print(f"\nfeatup precompute --compact, {args.backbone} (random weights), {os.cpu_count()} CPUs, {args.per_shard} images per "
+    costs = model_costs(small, root, args, compact=True)  # the compact job's model step, decode and writes, in this process
+    cpus = os.cpu_count() or 1
+    print(f"\nfeatup precompute --compact, {args.backbone} (random weights), {cpus} CPUs, {args.per_shard} images per "
           f"shard, median of {args.repeats} "
           f"round(s): T(n={args.images}) = {t_n:.1f} s, T(2n) = {t_2n:.1f} s; steady state {pipeline:.3f} s/image; backbone "
-          f"alone {model:.3f} s/image; ratio backbone / pipeline {model / pipeline:.2f} (target >= 0.9)")
+          f"alone {costs.model_s:.3f} s/image; ratio backbone / pipeline {costs.model_s / pipeline:.2f} (target >= 0.9)")
+    print(f"CPU per image, measured in this process: decode {costs.decode_cpu_s:.4f} s, write (compact arrays) "
+          f"{costs.write_cpu_s:.4f} s; if they took it all from the model's {cpus} cores, the ratio would be "
+          f"{costs.shared_cores_ratio(cpus):.2f} (a CPU-only run's bound; a GPU actor leaves its CPUs to them)")
 
 
 if __name__ == "__main__":

@@ -80,10 +80,11 @@ class ModelCosts:
         return self.model_s / (self.model_s + (self.decode_cpu_s + self.write_cpu_s) / cpus)
 
 
-def model_costs(shards: list[str], root: Path, args: argparse.Namespace, written: int = 16) -> ModelCosts:
+def model_costs(shards: list[str], root: Path, args: argparse.Namespace, written: int = 16, **settings) -> ModelCosts:
     """Seconds per image of the job's own model step (FeatureExtractor: model + float16 conversion) in this process,
     then the CPU seconds per image of decoding every sample and of writing ``written`` images' rows into a store of
-    the job's arrays and default codec, one row per call as the actors' writer does."""
+    the job's arrays and default codec, one row per call as the actors' writer does. ``settings``: more
+    ``PrecomputeConfig`` fields of the job (``compact=True``)."""
     from pipeline.precompute.config import PrecomputeConfig
     from pipeline.precompute.extract import FeatureExtractor
     from pipeline.precompute.plan import decode_spec, make_plan
@@ -93,7 +94,8 @@ def model_costs(shards: list[str], root: Path, args: argparse.Namespace, written
     from pipeline.store.features import FeatureStore
 
     quiet_cpu_only_warnings()
-    config = PrecomputeConfig(inputs=tuple(shards), output=str(root / "costs.zarr"), backbone=args.backbone, weights="random")
+    config = PrecomputeConfig(inputs=tuple(shards), output=str(root / "costs.zarr"), backbone=args.backbone, weights="random",
+                              **settings)
     torch.set_num_threads(os.cpu_count() or 1)
     plan = make_plan(config)  # the job's arrays; the plan's own extractor runs eager kernels, so it is not the one timed
     extractor = FeatureExtractor(config)
