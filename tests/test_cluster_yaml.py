@@ -71,6 +71,11 @@ def test_setup_installs_the_pipeline_extra_with_the_synced_constraints_pinning_t
     assert "~/.ray/auth_token" in config["file_mounts"]  # one token on every node (Ray's token authentication)
 
 
+def test_nodes_byte_compile_the_project_and_its_dependencies_at_setup(config):
+    project = next(c for c in config["setup_commands"] if "featup-pipeline[pipeline]" in c)
+    assert re.search(r"uv pip install\b.*--compile-bytecode", project), project  # else a node's first actors compile torch as they import
+
+
 def test_nodes_bootstrap_from_the_package_registry_at_pinned_versions_and_pipe_nothing_into_a_shell(config):
     commands = [c for key in ("initialization_commands", "setup_commands", "head_setup_commands", "worker_setup_commands",
                               "head_start_ray_commands", "worker_start_ray_commands") for c in config.get(key) or []]
