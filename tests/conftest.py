@@ -63,11 +63,17 @@ def pytest_collection_modifyitems(config, items) -> None:
 # reuse it in process; spread over the workers by module, they compiled the same variants again. The kernel tests
 # therefore use the variants the JBU tests use: float32, a batch of 2, forward checks under inference_mode. (Two scopes,
 # forward and gradients, compiling on both workers at once, gave a cold run of 17.8 minutes here; one scope 15.3 and 16.0.)
+# The tests of the "auto" backend's background compile (tests/featup/ops/test_compiled.py) join that scope too: on a
+# worker of their own, the first compile of the process (inductor's set-up: its compile workers, the C++ ISA checks) cost
+# them 20 to 40 s; after the kernel tests they take a few seconds.
 COMPILED_SCOPE = "compiled-kernels"
+COMPILING_MODULES = ("tests/featup/ops/test_compiled.py",)
 
 
 def compiled_kernel_scope(nodeid: str) -> str | None:
-    """``COMPILED_SCOPE`` for a compiled-kernel test, else None."""
+    """``COMPILED_SCOPE`` for a compiled-kernel test (or a test of a COMPILING_MODULES module), else None."""
+    if nodeid.split("::", 1)[0] in COMPILING_MODULES:
+        return COMPILED_SCOPE
     params = nodeid.rpartition("::")[2].partition("[")[2].rstrip("]")
     return COMPILED_SCOPE if "compiled" in params.split("-") else None
 
