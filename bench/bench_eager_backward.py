@@ -1,12 +1,14 @@
-"""Eager JBU training step: the composed kernels' hand-written backward against autograd of their forward, side by side.
+"""Eager JBU training step: the kernels' hand-written backward against autograd of their forward, side by side.
 
 CPU training runs the JBU kernels eager (``train-jbu --kernel-backend eager``, the default). Each row is one stack
 forward and backward (``sum of squares`` of the output) on the same inputs, timed in interleaved rounds (one run of each
 row per round, so machine noise hits both alike) and reported as the median:
 
-1. yardstick: autograd through the eager forward (the 56 broadcast products of the compose step and the in-place
-   ``addcmul_`` taps, which autograd turns into a source-sized gradient per shifted view)
-2. featup: the eager kernels as shipped (``einsum`` compose; taps with an in-place, tap-by-tap backward)
+1. yardstick: autograd through the eager forward (the 56 broadcast products of the compose step, the in-place
+   ``addcmul_`` taps and the window similarities of the range kernel, which autograd turns into a source-sized
+   gradient per shifted view)
+2. featup: the eager kernels as shipped (``einsum`` compose; taps and window similarities with an in-place,
+   tap-by-tap backward)
 
 The gradients of the two rows are compared (largest difference relative to the gradient's largest entry) so the speed is not bought with a wrong answer.
 
@@ -23,6 +25,7 @@ from collections.abc import Iterator
 
 import torch
 
+from featup.ops import adaptive_conv as ac
 from featup.ops import upsample_filter as uf
 from featup.upsamplers.reference import random_jbu_stack
 
@@ -30,13 +33,14 @@ from featup.upsamplers.reference import random_jbu_stack
 @contextlib.contextmanager
 def autograd_of_forward() -> Iterator[None]:
     """Row 1: the kernels' eager forward functions, differentiated by autograd (what ran before the hand-written backward)."""
-    compose, taps = uf._COMPOSE._make_eager, uf._COMPOSED_TAPS._make_eager
+    compose, taps, range_kernel = uf._COMPOSE._make_eager, uf._COMPOSED_TAPS._make_eager, ac._RANGE_KERNEL._make_eager
     uf._COMPOSE._make_eager = uf._make_compose
     uf._COMPOSED_TAPS._make_eager = lambda width: lambda source, kernel: uf._taps_forward(source, kernel, width)
+    ac._RANGE_KERNEL._make_eager = ac._make_range_kernel  # window similarities stacked from D*D sums, autograd through them
     try:
         yield
     finally:
-        uf._COMPOSE._make_eager, uf._COMPOSED_TAPS._make_eager = compose, taps
+        uf._COMPOSE._make_eager, uf._COMPOSED_TAPS._make_eager, ac._RANGE_KERNEL._make_eager = compose, taps, range_kernel
 
 
 def step(stack, lr_feats: torch.Tensor, image: torch.Tensor) -> tuple[torch.Tensor, ...]:

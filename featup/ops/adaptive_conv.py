@@ -6,12 +6,14 @@
 The published FeatUp code builds both from an unfolded ``C x D^2 x H x W`` tensor (or a CUDA
 extension). Here each is an accumulation over the ``D^2`` taps of shifted views, which never
 materialises the unfolded tensor; under ``torch.compile`` the taps fuse into one kernel that
-reads each input element once per output tile. Autograd differentiates every path.
+reads each input element once per output tile. Autograd differentiates the compiled kernels; the eager window
+similarities have a hand-written backward that accumulates in place.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -93,9 +95,71 @@ def _make_similarity_taps(diameter: int):
     return similarity_taps
 
 
-def _make_range_kernel(diameter: int):
+def _similarity_forward(keys_padded: torch.Tensor, queries: torch.Tensor, diameter: int) -> torch.Tensor:
+    """The taps of ``similarity_taps`` written one by one into the output (no list of maps to stack): (B, D*D, H, W)."""
+    b, _, h, w = queries.shape
+    dtype = torch.promote_types(keys_padded.dtype, queries.dtype)
+    out = torch.empty(b, diameter * diameter, h, w, device=queries.device, dtype=dtype)
+    for i in range(diameter):
+        for j in range(diameter):
+            torch.sum(keys_padded[:, :, i : i + h, j : j + w] * queries, dim=1, out=out[:, i * diameter + j])
+    return out
+
+
+def _similarity_backward(
+    grad_out: torch.Tensor, keys_padded: torch.Tensor, queries: torch.Tensor, diameter: int, needs: tuple[bool, ...]
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Gradients of ``_similarity_forward`` accumulated in place, tap by tap (autograd of the taps allocates a whole
+    keys-sized gradient per shifted view: D*D per call)."""
+    h, w = queries.shape[2], queries.shape[3]
+    acc_dtype = torch.promote_types(grad_out.dtype, torch.float32)
+    grad_keys = torch.zeros_like(keys_padded, dtype=acc_dtype) if needs[0] else None  # (B, C, H+D-1, W+D-1)
+    grad_queries = torch.zeros_like(queries, dtype=acc_dtype) if needs[1] else None  # (B, C, H, W)
+    for i in range(diameter):
+        for j in range(diameter):
+            g = grad_out[:, i * diameter + j, None]  # (B, 1, H, W)
+            if grad_keys is not None:
+                grad_keys[:, :, i : i + h, j : j + w].addcmul_(queries, g)
+            if grad_queries is not None:
+                grad_queries.addcmul_(keys_padded[:, :, i : i + h, j : j + w], g)
+    return (
+        grad_keys.to(keys_padded.dtype) if grad_keys is not None else None,
+        grad_queries.to(queries.dtype) if grad_queries is not None else None,
+    )
+
+
+class _SimilarityTapsEager(torch.autograd.Function):
+    """The eager window similarities with a hand-written backward that accumulates in place; its gradients equal
+    autograd's of ``similarity_taps`` to float rounding."""
+
+    @staticmethod
+    def forward(ctx, keys_padded: torch.Tensor, queries: torch.Tensor, diameter: int) -> torch.Tensor:
+        ctx.diameter = diameter
+        ctx.save_for_backward(keys_padded, queries)
+        return _similarity_forward(keys_padded, queries, diameter)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out: torch.Tensor):
+        keys_padded, queries = ctx.saved_tensors
+        grads = _similarity_backward(grad_out, keys_padded, queries, ctx.diameter, ctx.needs_input_grad)
+        return *grads, None
+
+
+def _make_similarity_taps_eager(diameter: int):
+    """Eager window similarities: written tap by tap; when recording gradients, through ``_SimilarityTapsEager``."""
+
+    def similarity_taps_eager(keys_padded: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled() and (keys_padded.requires_grad or queries.requires_grad):
+            return _SimilarityTapsEager.apply(keys_padded, queries, diameter)
+        return _similarity_forward(keys_padded, queries, diameter)
+
+    return similarity_taps_eager
+
+
+def _make_range_kernel(diameter: int, similarity_taps: Callable[..., torch.Tensor] | None = None):
     """Softmax of the window similarities times a spatial kernel, renormalised: one fused pass when compiled."""
-    similarity_taps = _make_similarity_taps(diameter)
+    similarity_taps = similarity_taps or _make_similarity_taps(diameter)
 
     def range_kernel(keys_padded, queries, temperature, spatial):
         logits = similarity_taps(keys_padded, queries)  # (B, D*D, H, W)
@@ -105,9 +169,14 @@ def _make_range_kernel(diameter: int):
     return range_kernel
 
 
+def _make_range_kernel_eager(diameter: int):
+    """The eager range kernel: the same math on the eager window similarities."""
+    return _make_range_kernel(diameter, _make_similarity_taps_eager(diameter))
+
+
 _ADAPTIVE_CONV = LazyCompiled(_make_accumulate_taps, _make_accumulate_taps_eager)
-_LOCAL_SIMILARITY = LazyCompiled(_make_similarity_taps)
-_RANGE_KERNEL = LazyCompiled(_make_range_kernel)
+_LOCAL_SIMILARITY = LazyCompiled(_make_similarity_taps, _make_similarity_taps_eager)
+_RANGE_KERNEL = LazyCompiled(_make_range_kernel, _make_range_kernel_eager)
 
 
 def adaptive_conv(x_padded: torch.Tensor, filters: torch.Tensor, backend: Backend = "auto") -> torch.Tensor:

@@ -62,6 +62,27 @@ def test_local_similarity_matches_unfold_reference(backend):
     torch.testing.assert_close(out, _similarity_reference(keys_padded, queries, 7), atol=1e-5, rtol=1e-5)
 
 
+def test_local_similarity_passes_gradcheck():
+    """The eager similarities' hand-written backward, in float64."""
+    g = torch.Generator().manual_seed(3)
+    keys_padded = torch.randn(1, 2, 5, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    queries = torch.randn(1, 2, 3, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda k, q: local_similarity(k, q, 3, backend="eager"), (keys_padded, queries))
+
+
+@pytest.mark.parametrize("needs", [(True, True), (True, False), (False, True)])
+def test_local_similarity_backward_matches_autograd_of_reference(needs):
+    g = torch.Generator().manual_seed(4)
+    keys_padded = torch.randn(2, 3, 10, 11, generator=g).requires_grad_(needs[0])
+    queries = torch.randn(2, 3, 4, 5, generator=g).requires_grad_(needs[1])
+    grad_out = torch.randn(2, 49, 4, 5, generator=g)
+    inputs = [t for t in (keys_padded, queries) if t.requires_grad]
+    got = torch.autograd.grad((local_similarity(keys_padded, queries, 7, backend="eager") * grad_out).sum(), inputs)
+    want = torch.autograd.grad((_similarity_reference(keys_padded, queries, 7) * grad_out).sum(), inputs)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
 def test_half_precision_inputs_accumulate_accurately():
     x, filters = _inputs(c=8, dtype=torch.float32)
     out = adaptive_conv(x.half(), filters.half(), backend="eager")
