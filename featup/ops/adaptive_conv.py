@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from featup.errors import InputError
 from featup.ops.compiled import Backend, LazyCompiled
+from featup.ops.tap_backward import eager_taps
 
 
 def filter_diameter(taps: int, what: str) -> int:
@@ -128,33 +129,9 @@ def _similarity_backward(
     )
 
 
-class _SimilarityTapsEager(torch.autograd.Function):
-    """The eager window similarities with a hand-written backward that accumulates in place; its gradients equal
-    autograd's of ``similarity_taps`` to float rounding."""
-
-    @staticmethod
-    def forward(ctx, keys_padded: torch.Tensor, queries: torch.Tensor, diameter: int) -> torch.Tensor:
-        ctx.diameter = diameter
-        ctx.save_for_backward(keys_padded, queries)
-        return _similarity_forward(keys_padded, queries, diameter)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_out: torch.Tensor):
-        keys_padded, queries = ctx.saved_tensors
-        grads = _similarity_backward(grad_out, keys_padded, queries, ctx.diameter, ctx.needs_input_grad)
-        return *grads, None
-
-
 def _make_similarity_taps_eager(diameter: int):
-    """Eager window similarities: written tap by tap; when recording gradients, through ``_SimilarityTapsEager``."""
-
-    def similarity_taps_eager(keys_padded: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
-        if torch.is_grad_enabled() and (keys_padded.requires_grad or queries.requires_grad):
-            return _SimilarityTapsEager.apply(keys_padded, queries, diameter)
-        return _similarity_forward(keys_padded, queries, diameter)
-
-    return similarity_taps_eager
+    """Eager window similarities: written tap by tap, with the in-place backward when recording gradients."""
+    return eager_taps(_similarity_forward, _similarity_backward, diameter)
 
 
 def _make_range_kernel(diameter: int, similarity_taps: Callable[..., torch.Tensor] | None = None):
