@@ -148,6 +148,7 @@ class MaterializeWorker:
         return os.getpid()
 
     def progress(self) -> float:
+        """Rows done so far in the shard being computed (0 between shards)."""
         return float(self._done_in_shard)
 
     def status(self) -> tuple[float, bool]:
@@ -173,6 +174,12 @@ class MaterializeWorker:
 
     def process_shard(self, task: ShardTask) -> ShardResult:
         """Upsamples every valid row of the shard, writes the rows, then commits the shard with the compact store's index."""
+        try:
+            return self._process_shard(task)
+        finally:
+            self._done_in_shard = 0  # no shard in flight: progress() reads 0 until the next one starts
+
+    def _process_shard(self, task: ShardTask) -> ShardResult:
         start = time.perf_counter()
         store = self.store()
         result = ShardResult(task.shard.index, task.shard.url, task.shard.num_samples, worker=self.name)

@@ -131,6 +131,12 @@ class ShardWorker:
 
     def process_shard(self, task: ShardTask) -> ShardResult:
         """Computes every sample of the shard, writes its rows, then commits the shard with its index table."""
+        try:
+            return self._process_shard(task)
+        finally:
+            self._done_in_shard = 0  # no shard in flight: progress() reads 0 until the next one starts
+
+    def _process_shard(self, task: ShardTask) -> ShardResult:
         from pipeline.store.index import build_index_table
 
         start = time.perf_counter()

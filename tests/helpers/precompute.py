@@ -234,8 +234,10 @@ def wait_for(predicate: Callable[[], Any], timeout: float, what: str, interval: 
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
-def busy_actor():
-    """A live precompute actor of this Ray namespace that is part-way through a shard, or None."""
+def busy_actor(samples_per_shard: int | None = None):
+    """A live precompute actor of this Ray namespace that is part-way through a shard, or None. With
+    ``samples_per_shard``, only one with samples of its shard still to compute (a kill then always lands before the
+    shard's result is returned)."""
     import ray
 
     from pipeline.precompute.driver import ACTOR_PREFIX
@@ -245,8 +247,9 @@ def busy_actor():
             continue
         try:
             handle = ray.get_actor(name)
-            if ray.get(handle.progress.remote(), timeout=5) > 0:
-                return handle
+            progress = ray.get(handle.progress.remote(), timeout=5)
         except Exception:  # dead or not started yet
             continue
+        if 0 < progress < (samples_per_shard or float("inf")):
+            return handle
     return None

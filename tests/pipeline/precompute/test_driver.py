@@ -309,8 +309,9 @@ def test_materialize_after_a_killed_actor_equals_the_full_store_of_the_same_comm
     """One Ray run of featup materialize (2 actors, one killed mid-shard): the full store precompute writes, within 1e-4."""
     from pipeline.precompute.materialize import materialize_config, run_materialize
 
-    shards = corpus.make_good_shards(tmp_path / "in", n_shards=2, per_shard=4)
-    command = dict(image_size=48, save_lowres=False, labels=("seg.png",))  # 48 px: a shard takes long enough to be caught
+    per_shard = 8  # at 48 px an image takes about 45 ms: a shard takes long enough to be caught part-way
+    shards = corpus.make_good_shards(tmp_path / "in", n_shards=2, per_shard=per_shard)
+    command = dict(image_size=48, save_lowres=False, labels=("seg.png",))
     full = helpers.tiny_config(shards, tmp_path / "full.zarr", **command)
     compact = helpers.tiny_config(shards, tmp_path / "compact.zarr", compact=True, **command)
     helpers.reference_store(full)
@@ -325,7 +326,7 @@ def test_materialize_after_a_killed_actor_equals_the_full_store_of_the_same_comm
 
     thread = threading.Thread(target=materialize, daemon=True)
     thread.start()
-    victim = helpers.wait_for(lambda: helpers.busy_actor() or not thread.is_alive(), 180,
+    victim = helpers.wait_for(lambda: helpers.busy_actor(samples_per_shard=per_shard) or not thread.is_alive(), 180,
                               "a materialize actor part-way through a shard")
     assert victim is not True, f"the job ended before an actor was caught part-way through a shard: {outcome}"
     import ray
@@ -336,5 +337,5 @@ def test_materialize_after_a_killed_actor_equals_the_full_store_of_the_same_comm
     report = json.loads(out)
     assert code == 0, err
     assert report["actors"]["restarts"] == 1 and report["shards"]["retries"] == 1 and "will be redone" in err
-    assert report["samples"]["ok"] == 8 and report["config"]["materialize_from"] == compact.output
+    assert report["samples"]["ok"] == 2 * per_shard and report["config"]["materialize_from"] == compact.output
     helpers.assert_materialized(full.output, config.output)

@@ -53,12 +53,15 @@ def test_rows_hold_each_samples_features_labels_and_image(tmp_path):
 
 
 def test_result_reports_counts_and_where_the_time_went(tmp_path):
+    """The result's counts and time split; once the shard is returned, the worker reports no shard in flight."""
     shards = corpus.make_good_shards(tmp_path / "in", n_shards=1, per_shard=5)
     config = helpers.tiny_config(shards, tmp_path / "out.zarr")
     plan = make_plan(config)
     store, _, projection, _ = open_store(plan, "test", sys.stderr)
-    result = ShardWorker(config, projection=projection).process_shard(ShardTask(plan.shards[0], 0))
+    worker = ShardWorker(config, projection=projection)
+    result = worker.process_shard(ShardTask(plan.shards[0], 0))
     store.release_lock()
+    assert worker.progress() == 0  # a kill now loses no shard: the fault tests pick only actors with progress
     assert (result.num_samples, result.num_ok, result.num_failed, result.reasons) == (5, 5, 0, {})
     assert result.model_s > 0 and result.decode_s > 0 and result.write_s > 0
     assert result.wall_s >= result.read_s + result.model_s + result.write_s
