@@ -76,9 +76,13 @@ def _run(config):
 
 
 @pytest.mark.slow
-def test_actors_auto_fill_the_local_node_and_size_their_decode_threads(env, tmp_path):
-    config = helpers.tiny_config(env["shards"], tmp_path / "auto.zarr", actors="auto", decode_threads=None)
-    code, report, err = _run(config)
+def test_actors_auto_fill_the_local_node_and_size_their_decode_threads(env, ray_env, tmp_path):
+    config = helpers.tiny_config(env["shards"], tmp_path / "auto.zarr", actors="auto", decode_threads=None, batch_size=1)
+    ray_env.flag.touch()  # every model call sleeps: one actor cannot take every shard before the other is up
+    try:
+        code, report, err = _run(config)
+    finally:
+        ray_env.flag.unlink()
     assert code == 0, err
     helpers.assert_same_store(env["reference"], config.output)
     actors = report["actors"]
