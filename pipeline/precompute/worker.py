@@ -143,7 +143,6 @@ class ShardWorker:
         store = self.store()
         result = ShardResult(task.shard.index, task.shard.url, task.shard.num_samples, worker=self.name)
         rows: dict[int, dict] = {}
-        self._done_in_shard = 0
         writes = RowWriter(store, self.config.write_threads)
         with ThreadPoolExecutor(self.config.decode_threads, thread_name_prefix="decode") as pool, writes, \
                 closing(self._samples(task, pool, result)) as samples:  # an error stops the reader thread too
